@@ -1,0 +1,1 @@
+# Hydra configs for selfloop, packaged as `selfloop.conf` so `pkg://selfloop.conf` finds them.

@@ -1,0 +1,134 @@
+"""The data contract between stages: a ``datasets.Dataset`` with fixed columns.
+
+Columns: ``id, prompt, completions, answer, reference, difficulty, round, source`` plus one
+``score_<name>`` column per filter that ran. ``reference`` is ground truth; the loop
+removes it before data reaches filters and optimizers (the label-free guarantee).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+from selfloop.errors import ContractError, LabelLeakError
+
+if TYPE_CHECKING:
+    from datasets import Dataset, Features
+
+COLUMNS = ("id", "prompt", "completions", "answer", "reference", "difficulty", "round", "source")
+EMPTY = "empty-dataset.json"
+# What a filter or optimizer sees: everything but the references.
+BLIND_COLUMNS = tuple(c for c in COLUMNS if c != "reference")
+
+
+def features() -> Features:
+    from datasets import Features, Sequence, Value
+
+    return Features(
+        {
+            "id": Value("string"),
+            "prompt": Value("string"),
+            "completions": Sequence(Value("string")),
+            "answer": Value("string"),
+            "reference": Value("string"),
+            "difficulty": Value("int32"),
+            "round": Value("int32"),
+            "source": Value("string"),
+        }
+    )
+
+
+def make_rows(rows: Iterable[dict[str, Any]]) -> Dataset:
+    """Build a contract-conforming Dataset from dicts (missing optional fields are filled)."""
+    from datasets import Dataset
+
+    columns: dict[str, list[Any]] = {c: [] for c in COLUMNS}
+    for i, row in enumerate(rows):
+        unknown = set(row) - set(COLUMNS)
+        if unknown:
+            raise ContractError(f"row {i} has unknown fields {sorted(unknown)}; the contract's columns are {COLUMNS}")
+        for c in ("id", "prompt", "answer"):
+            if row.get(c) is None:
+                raise ContractError(f"row {i} lacks required field {c!r}")
+        columns["id"].append(str(row["id"]))
+        columns["prompt"].append(row["prompt"])
+        columns["completions"].append(list(row.get("completions") or []))
+        columns["answer"].append(row["answer"])
+        columns["reference"].append(row.get("reference"))
+        columns["difficulty"].append(int(row.get("difficulty", 0)))
+        columns["round"].append(int(row.get("round", 0)))
+        columns["source"].append(str(row.get("source", "")))
+    return Dataset.from_dict(columns, features=features())
+
+
+def check_dataset(data: Any, culprit: str, required: Iterable[str] = COLUMNS) -> Dataset:
+    """Raise ContractError naming ``culprit`` unless ``data`` is a Dataset with the columns."""
+    from datasets import Dataset
+
+    if not isinstance(data, Dataset):
+        raise ContractError(f"{culprit} returned {type(data).__name__}; expected a datasets.Dataset")
+    missing = [c for c in required if c not in data.column_names]
+    if missing:
+        raise ContractError(f"{culprit} returned a Dataset without the column(s) {missing}; required: {list(required)}")
+    ids = data["id"]
+    if len(set(ids)) != len(ids):
+        raise ContractError(f"{culprit} returned duplicate row ids")
+    return data
+
+
+def check_filtered(before: Dataset, after: Any, culprit: str, score_column: str) -> Dataset:
+    """A filter may only drop rows, and must add its score column."""
+    after = check_dataset(after, culprit, BLIND_COLUMNS)
+    if score_column not in after.column_names:
+        raise ContractError(f"{culprit} did not add its score column {score_column!r}")
+    extra = set(after["id"]) - set(before["id"])
+    if extra:
+        raise ContractError(f"{culprit} added rows {sorted(extra)[:3]}...; a filter may only drop rows")
+    # Hand the next filter a plain table: add_column breaks on a selection's indices
+    # mapping, and on some empty tables left by one.
+    if not len(after):
+        from datasets import Dataset
+
+        return Dataset.from_dict({c: [] for c in after.column_names}, features=after.features)
+    return after.flatten_indices() if after._indices is not None else after
+
+
+def blind(data: Dataset) -> Dataset:
+    """The data without ground truth: what filters and optimizers are allowed to see."""
+    return data.remove_columns([c for c in ("reference",) if c in data.column_names])
+
+
+def assert_label_free(data: Dataset, culprit: str) -> None:
+    if "reference" in data.column_names:
+        raise LabelLeakError(
+            f"{culprit} would train on ground-truth references; set loop.allow_references_in_training=true "
+            "to allow it explicitly"
+        )
+
+
+def save(data: Dataset, path: Path) -> None:
+    """Save a Dataset (Arrow); an empty one keeps its schema (datasets cannot reload 0 shards)."""
+    if len(data):
+        data.save_to_disk(str(path))
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / EMPTY).write_text(json.dumps(data.features.to_dict()))
+
+
+def load(path: Path) -> Dataset:
+    from datasets import Dataset, Features, load_from_disk
+
+    if (path / EMPTY).exists():
+        feats = Features.from_dict(json.loads((path / EMPTY).read_text()))
+        return Dataset.from_dict({k: [] for k in feats}, features=feats)
+    return load_from_disk(str(path))
+
+
+def concat(parts: list[Dataset]) -> Dataset:
+    from datasets import concatenate_datasets
+
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return make_rows([])
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)

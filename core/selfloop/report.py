@@ -1,0 +1,135 @@
+"""The report: a per-round table (report.md, the terminal) and curves.png, rebuilt from
+``metrics.jsonl`` alone so ``selfloop report RUN_DIR`` can redraw any run.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from selfloop.rundir import atomic_write_text, read_metrics_jsonl
+
+HEADERS = ("round", "level", "labels", "kept", "precision", "autonomous", "promoted", "accuracy by level")
+
+
+def _fmt(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def accuracy_by_level(record: dict[str, Any]) -> dict[int, float]:
+    """The first reference-using evaluator's per-level scores of the incumbent after the round."""
+    for by_level in record.get("meta", {}).values():
+        if by_level:
+            return {int(k): v for k, v in by_level.items()}
+    return {}
+
+
+def labelled_levels(records: list[dict[str, Any]]) -> set[int]:
+    return {lvl for r in records for lvl in r.get("labelled_levels", [])}
+
+
+def rows(records: list[dict[str, Any]]) -> list[list[str]]:
+    """One table row per round; accuracy shows the highest labelled level and all above it."""
+    labelled = labelled_levels(records) or {0}
+    out = []
+    for r in records:
+        acc = accuracy_by_level(r)
+        autonomous = " ".join(f"{v:.3f}" for v in r.get("autonomous", {}).values())
+        out.append(
+            [
+                str(r["round"]),
+                "bootstrap" if r["round"] == 0 else _fmt(r["level"]),
+                str(r["labels_used"]),
+                f"{r['kept']}/{r['acquired']}",
+                _fmt(r.get("label_precision_kept")),
+                autonomous or "–",
+                "yes" if r["promoted"] else "no",
+                " ".join(f"{k}:{v:.2f}" for k, v in sorted(acc.items()) if k not in labelled or k == max(labelled)),
+            ]
+        )
+    return out
+
+
+def markdown(records: list[dict[str, Any]], title: str) -> str:
+    total_labels = sum(r["labels_used"] for r in records)
+    labelled = sorted(labelled_levels(records))
+    names = ", ".join(records[-1].get("autonomous", {})) if records else ""
+    lines = [
+        f"# {title}",
+        "",
+        f"Labels used: **{total_labels}** in all (levels {labelled or 'none'}); every other row was labelled by the model itself.",
+        "kept: rows kept by the filters / rows acquired. precision: share of kept pseudo-labels that are right.",
+        "Accuracy by level is ground truth, measured for this report only (meta-evaluation): it never reaches training or promotion.",
+        f"Autonomous score ({names or 'none'}) is label-free and decides promotion.",
+        "",
+        "| " + " | ".join(HEADERS) + " |",
+        "|" + "---|" * len(HEADERS),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows(records)]
+    lines += ["", "![curves](curves.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(records: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in records]
+    levels = sorted({lvl for r in records for lvl in accuracy_by_level(r)})
+    labelled = labelled_levels(records)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    cmap = plt.get_cmap("viridis", max(2, len(levels)))
+    for i, level in enumerate(levels):
+        ys = [accuracy_by_level(r).get(level) for r in records]
+        style = ":" if level in labelled else "-"
+        ax.plot(rounds, ys, style, marker="o", ms=3, color=cmap(i), label=f"{level}{' (labelled)' if level in labelled else ''}")
+    ax.set(title="Ground-truth accuracy by difficulty (meta-evaluation)", xlabel="round", ylabel="exact match", ylim=(-0.02, 1.02))
+    ax.set_xticks(rounds)
+    ax.legend(title="level", fontsize=7, ncol=2, loc="lower right")
+    ax.grid(alpha=0.3)
+    later = [r for r in records if r["round"] > 0]
+    if later:
+        xs = [r["round"] for r in later]
+        ax2.plot(xs, [r.get("label_precision_kept") for r in later], marker="o", label="pseudo-label precision (kept rows)")
+        ax2.plot(xs, [r["kept_fraction"] for r in later], marker="s", label="kept fraction")
+        for name in later[0].get("autonomous", {}):
+            ax2.plot(xs, [r["autonomous"].get(name) for r in later], marker="^", label=f"autonomous: {name}")
+        rejected = [r["round"] for r in later if not r["promoted"]]
+        for x in rejected:
+            ax2.axvline(x, color="red", alpha=0.3)
+        ax2.set_xticks(xs)
+    ax2.set(title="Label quality and autonomous score (red: rejected)", xlabel="round", ylim=(-0.02, 1.02))
+    ax2.legend(fontsize=7, loc="lower left")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Write report.md and curves.png into ``run_dir``; return the records."""
+    run_dir = Path(run_dir)
+    records = read_metrics_jsonl(run_dir / "metrics.jsonl")
+    plot(records, run_dir / "curves.png")
+    atomic_write_text(run_dir / "report.md", markdown(records, f"selfloop report: {run_dir.name}"))
+    return records
+
+
+def print_table(records: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="selfloop: rounds (accuracy is ground truth, for the report only)")
+    for h in HEADERS:
+        table.add_column(h, overflow="fold")
+    for row in rows(records):
+        table.add_row(*row)
+    Console(width=shutil.get_terminal_size((150, 24)).columns).print(table)

@@ -1,0 +1,153 @@
+"""Base classes for strategies, one per stage, plus tasks and model providers.
+
+Subclassing is optional: the registry checks for ``name``, a dataclass ``Config`` and the
+stage's method (duck typing). The bases document the contract and give a default
+``__init__(config)``. This module must stay import-light: plugins import it at discovery.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+if TYPE_CHECKING:  # heavy imports only for type checkers
+    from datasets import Dataset
+
+    from selfloop.context import RunContext
+    from selfloop.model import ModelHandle
+
+
+@dataclass
+class EmptyConfig:
+    """Config for a strategy that takes no options."""
+
+
+class Strategy:
+    """Common base: a named, configurable implementation of one stage."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type] = EmptyConfig
+
+    def __init__(self, config: Any = None):
+        self.config = config if config is not None else self.Config()
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One task instance. ``reference`` is ground truth: the core keeps it from training."""
+
+    prompt: str
+    reference: str | None
+    difficulty: int
+
+
+@dataclass
+class Generation:
+    """What generation (possibly refined) produced for one prompt.
+
+    ``answer`` is the chosen pseudo-label; ``agreement`` the share of ``completions`` that
+    agree with it (``None`` when a single greedy completion gives no such signal).
+    """
+
+    prompt: str
+    completions: list[str]
+    answer: str
+    agreement: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# A generation function: prompts (+ sampling options) -> one Generation per prompt.
+Generate = Callable[..., "list[Generation]"]
+
+
+class Task(Strategy):
+    """Where prompts come from: difficulty levels, references and a checker."""
+
+    #: the characters a from-scratch tokenizer must cover (``None`` for free text).
+    alphabet: ClassVar[str | None] = None
+
+    @property
+    def levels(self) -> list[int]:
+        """Difficulty levels, easiest first."""
+        raise NotImplementedError
+
+    def sample(self, rng: random.Random, level: int, n: int) -> list[Problem]:
+        """Draw ``n`` problems of one difficulty level."""
+        raise NotImplementedError
+
+    def extract_answer(self, completion: str) -> str:
+        """The answer inside a completion (default: the stripped text)."""
+        return completion.strip()
+
+    def check(self, answer: str, reference: str) -> bool:
+        """Ground-truth check; used only for meta-evaluation and the bootstrap."""
+        return self.extract_answer(answer) == reference
+
+    def is_well_formed(self, problem_prompt: str, answer: str) -> bool:
+        """A label-free format check on an answer (length, alphabet...)."""
+        return bool(answer)
+
+    def max_new_tokens(self, level: int) -> int:
+        """An upper bound on answer length in tokens, to stop generation early."""
+        return 64
+
+
+class ModelProvider(Strategy):
+    """Builds the initial model of a run: ``build(ctx) -> ModelHandle``."""
+
+    def build(self, ctx: RunContext) -> ModelHandle:
+        raise NotImplementedError
+
+
+class Acquirer(Strategy):
+    """Stage 1: produce candidate training rows."""
+
+    def acquire(self, ctx: RunContext) -> Dataset:
+        raise NotImplementedError
+
+
+class Filter(Strategy):
+    """Stage 2: score rows (column ``score_<name>``) and drop the unwanted ones."""
+
+    def filter(self, ctx: RunContext, data: Dataset) -> Dataset:
+        raise NotImplementedError
+
+
+class Optimizer(Strategy):
+    """Stage 3: train a new candidate model from the incumbent and the kept rows."""
+
+    def optimize(self, ctx: RunContext, data: Dataset) -> ModelHandle:
+        raise NotImplementedError
+
+
+class Refiner(Strategy):
+    """Stage 4: wrap generation (voting, self-correction, retrieval...)."""
+
+    def refine(self, ctx: RunContext, prompts: list[str], generate: Generate) -> list[Generation]:
+        raise NotImplementedError
+
+
+class Evaluator(Strategy):
+    """The evaluation layer: per-row scores and whole-model metrics."""
+
+    #: True when the evaluator reads ground truth: reported as meta-evaluation only.
+    uses_references: ClassVar[bool] = False
+
+    def score(self, ctx: RunContext, data: Dataset) -> list[float]:
+        raise NotImplementedError
+
+    def evaluate(self, ctx: RunContext, model: ModelHandle) -> dict[str, float]:
+        raise NotImplementedError
+
+
+# The method each kind of strategy must provide, checked at registration.
+REQUIRED_METHODS: dict[str, tuple[str, ...]] = {
+    "task": ("sample",),
+    "model": ("build",),
+    "acquire": ("acquire",),
+    "filter": ("filter",),
+    "optimize": ("optimize",),
+    "refine": ("refine",),
+    "evaluate": ("score", "evaluate"),
+}

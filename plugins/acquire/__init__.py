@@ -1,0 +1,1 @@
+"""Stage 1 strategies: acquire candidate training rows."""

@@ -1,0 +1,1 @@
+"""The evaluation layer: autonomous evaluators and meta-evaluators."""

@@ -1,0 +1,1 @@
+"""Stage 2 strategies: score and drop rows."""

@@ -1,0 +1,1 @@
+"""Model providers: build the initial model of a run."""

@@ -1,0 +1,83 @@
+"""A tiny GPT-2-style model built from a config, with a character tokenizer made locally
+from the task's alphabet: nothing is downloaded.
+
+By default it has no positional encoding (NoPE: position embeddings zeroed and frozen),
+which Lee et al. 2025 found generalizes to longer inputs than learned or rotary ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from selfloop import hookimpl
+from selfloop.strategy import ModelProvider
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+
+
+@dataclass
+class TinyConfig:
+    n_layer: int = 3
+    n_embd: int = 128
+    n_head: int = 4
+    n_positions: int = 128
+    positional: str = "none"  # none (NoPE) | learned
+    activation: str = "gelu"
+
+
+def char_tokenizer(alphabet: str):
+    """A fast tokenizer with one token per character of ``alphabet``; prepends ``<bos>``."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(alphabet))
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *chars])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+class Tiny(ModelProvider):
+    name = "tiny"
+    Config = TinyConfig
+
+    def build(self, ctx):
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        from selfloop.model import FROZEN_KEY, ModelHandle
+
+        c = self.config
+        if c.positional not in ("none", "learned"):
+            raise ValueError(f"model.tiny.positional must be 'none' or 'learned', got {c.positional!r}")
+        alphabet = ctx.task.alphabet
+        if not alphabet:
+            raise ValueError(f"task {ctx.task.name!r} declares no alphabet; the tiny model needs one (or use model=pretrained)")
+        tokenizer = char_tokenizer(alphabet)
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=c.n_positions,
+            n_embd=c.n_embd,
+            n_layer=c.n_layer,
+            n_head=c.n_head,
+            activation_function=c.activation,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model = GPT2LMHeadModel(config)
+        if c.positional == "none":
+            with torch.no_grad():
+                model.transformer.wpe.weight.zero_()
+            setattr(model.config, FROZEN_KEY, ["transformer.wpe.weight"])
+        return ModelHandle(model, tokenizer, ctx.device)
+
+
+@hookimpl
+def selfloop_register_models(register):
+    register(Tiny)

@@ -1,0 +1,1 @@
+"""Stage 4 strategies: refine generation at inference."""

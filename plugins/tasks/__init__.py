@@ -1,0 +1,1 @@
+"""Tasks: where prompts, difficulty levels and references come from."""

@@ -1,0 +1,59 @@
+"""Addition with digits written least-significant first: ``"21+93=" -> "15"`` (12+39=51).
+
+Reversed digits let a left-to-right model produce carries in order (Lee et al. 2025);
+difficulty = the number of digits of the longer operand.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from selfloop import hookimpl
+from selfloop.strategy import Problem, Task
+
+
+@dataclass
+class AdditionConfig:
+    max_level: int = 10
+    # pad both operands and the sum to the level's width (a fixed-length format)
+    zero_pad: bool = False
+
+
+class Addition(Task):
+    name = "addition"
+    Config = AdditionConfig
+    alphabet = "0123456789+="
+
+    @property
+    def levels(self) -> list[int]:
+        return list(range(1, self.config.max_level + 1))
+
+    def sample(self, rng: random.Random, level: int, n: int) -> list[Problem]:
+        out = []
+        lo = 10 ** (level - 1) if level > 1 else 0
+        for _ in range(n):
+            a = rng.randint(lo, 10**level - 1)
+            b = rng.randint(0, 10**level - 1)
+            if rng.random() < 0.5:
+                a, b = b, a
+            out.append(Problem(prompt=f"{self._fmt(a, level)}+{self._fmt(b, level)}=", reference=self._fmt(a + b, level + 1 if self.config.zero_pad else None), difficulty=level))
+        return out
+
+    def _fmt(self, x: int, width: int | None) -> str:
+        s = str(x)
+        if self.config.zero_pad and width:
+            s = s.zfill(width)
+        return s[::-1]
+
+    def is_well_formed(self, problem_prompt: str, answer: str) -> bool:
+        longest = max(len(t) for t in problem_prompt.rstrip("=").split("+"))
+        return answer.isdigit() and longest <= len(answer) <= longest + 1
+
+    def max_new_tokens(self, level: int) -> int:
+        return level + 3
+
+
+@hookimpl
+def selfloop_register_tasks(register):
+    register(Addition)

@@ -1,0 +1,114 @@
+"""End-to-end: the CLI as a user runs it, in subprocesses (about a minute per run)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SMOKE = ["loop=smoke", "seed=0"]
+
+
+def selfloop(*args, check=True, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "selfloop.cli", *args], capture_output=True, text=True, env=env, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"selfloop {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def records(run_dir: Path) -> list[dict]:
+    """Round records without wall-clock fields."""
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        rec.pop("seconds", None)
+        out.append(rec)
+    return out
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("e2e") / "smoke"
+    proc = selfloop("run", *SMOKE, f"hydra.run.dir={run_dir}")
+    return run_dir, proc
+
+
+def test_smoke_run_completes_with_report(smoke_run):
+    run_dir, proc = smoke_run
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "completed"
+    assert info["versions"]["trl"] != "not installed" and "uncertainty" in info["plugins"]
+    recs = records(run_dir)
+    assert [r["round"] for r in recs] == [0, 1, 2]
+    assert recs[0]["labels_used"] == 2000 and all(r["labels_used"] == 0 for r in recs[1:])
+    for stage in ("acquire", "filter", "optimize", "evaluate", "promote"):
+        assert (run_dir / "round-001" / stage / "COMPLETE").exists()
+    assert (run_dir / "round-001" / "optimize" / "model" / "model.safetensors").exists()
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    assert (run_dir / "curves.png").stat().st_size > 10_000
+    report = (run_dir / "report.md").read_text()
+    assert "| 2 |" in report and "Labels used: **2000**" in report
+    assert "accuracy by level" in proc.stdout and "run completed" in proc.stdout
+
+
+def test_report_is_rebuilt_from_metrics(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    (run_dir / "report.md").unlink()
+    proc = selfloop("report", str(run_dir))
+    assert (run_dir / "report.md").exists() and "promoted" in proc.stdout
+
+
+def test_resuming_a_finished_run_changes_nothing(smoke_run):
+    run_dir, _ = smoke_run
+    before = records(run_dir)
+    marker = (run_dir / "round-002" / "promote" / "COMPLETE").stat().st_mtime_ns
+    selfloop("resume", str(run_dir))
+    assert records(run_dir) == before
+    assert (run_dir / "round-002" / "promote" / "COMPLETE").stat().st_mtime_ns == marker
+
+
+@pytest.mark.parametrize("kill_after", ["round-000/optimize/COMPLETE", "round-001/filter/COMPLETE"])
+def test_kill_9_then_resume_reaches_the_same_metrics(smoke_run, tmp_path, kill_after):
+    reference, _ = smoke_run
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "selfloop.cli", "run", *SMOKE, f"hydra.run.dir={run_dir}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while not (run_dir / kill_after).exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)  # land inside the next stage
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "round-002" / "promote" / "COMPLETE").exists()
+    selfloop("resume", str(run_dir))
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
+    assert records(run_dir) == records(reference)
+
+
+def test_run_refuses_a_directory_that_holds_a_run(smoke_run):
+    run_dir, _ = smoke_run
+    config = (run_dir / ".hydra" / "config.yaml").read_text()
+    proc = selfloop("run", *SMOKE, "seed=1", f"hydra.run.dir={run_dir}", check=False)
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == config
+
+
+def test_bad_input_gives_one_clear_error(tmp_path):
+    proc = selfloop("run", "filter=[nope]", f"hydra.run.dir={tmp_path / 'x'}", check=False)
+    assert proc.returncode == 2 and "unknown filter 'nope'" in proc.stderr and "installed: roundtrip, uncertainty" in proc.stderr
+    proc = selfloop("resume", str(tmp_path / "missing"), check=False)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    proc = selfloop("frobnicate", check=False)
+    assert proc.returncode == 2 and "commands: run, resume, plugins, report" in proc.stderr

@@ -1,0 +1,196 @@
+"""The loop's guarantees, with tiny stand-in strategies so each test takes seconds."""
+
+import json
+import types
+from dataclasses import dataclass
+
+import pytest
+
+from selfloop import hookimpl
+from selfloop.config import compose
+from selfloop.errors import ContractError, LabelLeakError
+from selfloop.loop import Loop
+from selfloop.plugins import load_plugins
+from selfloop.rundir import RunDir
+
+FAST = [
+    "loop.rounds=1",
+    "loop.bootstrap.n_problems=300",
+    "loop.bootstrap.optimize.sft.max_steps=10",
+    "optimize.sft.max_steps=5",
+    "acquire.task_sampler.n_problems=20",
+    "evaluate.exact_match.n_per_level=8",
+    "evaluate.self_consistency.n_per_level=4",
+]
+
+
+def spy_plugin(seen: list):
+    """An optimizer that records what it was given and returns a clone of the incumbent."""
+
+    class Spy:
+        name = "spy"
+
+        def __init__(self, config):
+            self.config = config
+
+        def optimize(self, ctx, data):
+            seen.append((ctx.round, list(data.column_names), len(data)))
+            return ctx.model.clone()
+
+    module = types.ModuleType("spy")
+    module.selfloop_register_optimizers = hookimpl(lambda register: register(Spy))
+    return module
+
+
+def run_with(tmp_path, extra_plugins, overrides):
+    plugins = load_plugins(extra=extra_plugins, strict=True)
+    cfg = compose(["loop=smoke", *FAST, *overrides], plugins.registry)
+    rd = RunDir(tmp_path / "run")
+    return Loop(cfg, rd, plugins, echo=lambda s: None), rd
+
+
+def test_references_never_reach_training_after_bootstrap(tmp_path):
+    seen = []
+    loop, rd = run_with(tmp_path, {"spy": spy_plugin(seen)}, ["optimize=spy", "filter.uncertainty.min_agreement=0"])
+    assert loop.execute() == "completed"
+    assert [r for r, *_ in seen] == [0, 1]
+    for _, columns, _ in seen:
+        assert "reference" not in columns
+    records = rd.records()
+    assert records[0]["labels_used"] == 300 and records[1]["labels_used"] == 0
+    assert records[0]["labelled_levels"] == [1, 2, 3]
+
+
+def test_references_reach_training_only_when_allowed_and_are_counted(tmp_path):
+    seen = []
+    loop, rd = run_with(
+        tmp_path, {"spy": spy_plugin(seen)}, ["optimize=spy", "filter=[uncertainty]", "filter.uncertainty.min_agreement=0", "filter.uncertainty.require_well_formed=false", "loop.allow_references_in_training=true"]
+    )
+    loop.execute()
+    assert "reference" in seen[1][1]
+    assert rd.records()[1]["labels_used"] == seen[1][2] > 0
+
+
+def test_label_guard_refuses_data_with_references():
+    from selfloop.data import assert_label_free, make_rows
+
+    with pytest.raises(LabelLeakError, match="allow_references_in_training"):
+        assert_label_free(make_rows([dict(id="a", prompt="1=", answer="1", reference="1")]), "x")
+
+
+def bad_filter_plugin(mode: str):
+    class Bad:
+        name = "bad"
+
+        def __init__(self, config):
+            self.config = config
+
+        def filter(self, ctx, data):
+            if mode == "type":
+                return list(data)
+            if mode == "columns":
+                return data.remove_columns(["answer"]).add_column("score_bad", [0.0] * len(data))
+            return data  # no score column
+
+    module = types.ModuleType("bad")
+    module.selfloop_register_filters = hookimpl(lambda register: register(Bad))
+    return module
+
+
+@pytest.mark.parametrize(
+    "mode, message",
+    [("type", r"filter 'bad' from plugin 'bad' returned list; expected a datasets.Dataset"), ("columns", r"without the column\(s\) \['answer'\]"), ("score", "score column 'score_bad'")],
+)
+def test_a_strategy_breaking_the_contract_is_named_and_finished_stages_survive(tmp_path, mode, message):
+    loop, rd = run_with(tmp_path, {"bad": bad_filter_plugin(mode)}, ["filter=[uncertainty,bad]"])
+    with pytest.raises(ContractError, match=message):
+        loop.execute()
+    assert rd.is_complete(0, "promote") and rd.is_complete(1, "acquire")
+    assert not rd.stage_dir(1, "filter").exists()
+    info = json.loads((rd.root / "run.json").read_text())
+    assert info["status"] == "failed" and "bad" in info["error"]
+    # fix the config, resume: the finished stages are reused, not redone
+    acquired_at = (rd.stage_dir(1, "acquire") / "COMPLETE").stat().st_mtime_ns
+    loop2, _ = run_with(tmp_path, {}, [])
+    assert loop2.execute() == "completed"
+    assert (rd.stage_dir(1, "acquire") / "COMPLETE").stat().st_mtime_ns == acquired_at
+
+
+def test_promotion_gate_rejects_a_worse_candidate(tmp_path):
+    """A candidate whose autonomous score drops beyond the tolerance keeps the incumbent."""
+    from selfloop_plugins.optimize.sft import SFT, SFTConfig
+
+    class Sabotage:
+        name = "sabotage"
+
+        def __init__(self, config):
+            self.config = config
+
+        def optimize(self, ctx, data):
+            if ctx.round == 0:  # a real bootstrap, so the incumbent agrees with itself
+                return SFT(SFTConfig(max_steps=150, replay_fraction=0.0)).optimize(ctx, data)
+            cand = ctx.model.clone()
+            cand.model.get_output_embeddings().weight.data.zero_()  # uniform samples: no agreement
+            return cand
+
+    module = types.ModuleType("sabotage")
+    module.selfloop_register_optimizers = hookimpl(lambda register: register(Sabotage))
+    loop, rd = run_with(tmp_path, {"sabotage": module}, ["optimize=sabotage", "loop.promotion.tolerance=0.0", "evaluate.self_consistency.n_per_level=16"])
+    assert loop.execute() == "completed"
+    record = rd.records()[1]
+    candidate, incumbent = record["gate"]["self_consistency"]
+    assert candidate < incumbent
+    assert not record["promoted"] and "self_consistency" in record["reason"]
+    assert record["incumbent_round"] == 0
+    assert record["next_level"] == record["level"]  # the curriculum waits
+
+
+def test_observers_see_every_stage_once_and_resume_skips_finished_ones(tmp_path):
+    events = []
+
+    class Recorder:
+        @hookimpl
+        def selfloop_on_run_start(self, ctx):
+            events.append("run_start")
+
+        @hookimpl
+        def selfloop_on_round_start(self, ctx):
+            events.append(f"round_start {ctx.round}")
+
+        @hookimpl
+        def selfloop_on_stage_start(self, ctx, stage):
+            events.append(f"start {ctx.round} {stage}")
+
+        @hookimpl
+        def selfloop_on_stage_end(self, stage, metrics):  # a subset of the arguments is fine
+            events.append(f"end {metrics['round']} {stage}")
+
+        @hookimpl
+        def selfloop_on_round_end(self, record):
+            events.append(f"round_end {record['round']}")
+
+        @hookimpl
+        def selfloop_on_run_end(self, status):
+            events.append(f"run_end {status}")
+
+    loop, rd = run_with(tmp_path, {"recorder": Recorder()}, [])
+    assert loop.execute() == "completed"
+    round1 = [e for e in events if e.endswith(" 1") or " 1 " in e]
+    assert round1 == [
+        "round_start 1",
+        *[f"{kind} 1 {stage}" for stage in ("acquire", "filter", "optimize", "evaluate", "promote") for kind in ("start", "end")],
+        "round_end 1",
+    ]
+    assert events[0] == "run_start" and events[-1] == "run_end completed"
+
+    events.clear()
+    loop2, _ = run_with(tmp_path, {"recorder": Recorder()}, [])
+    assert loop2.execute() == "completed"
+    assert events == ["run_start", "run_end completed"]  # nothing is redone
+
+
+def test_budget_guard_stops_before_a_new_round(tmp_path):
+    loop, rd = run_with(tmp_path, {}, ["loop.max_minutes=0"])
+    assert loop.execute() == "budget_exhausted"
+    assert json.loads((rd.root / "run.json").read_text())["status"] == "budget_exhausted"
+    assert rd.records() == []
