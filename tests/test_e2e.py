@@ -29,6 +29,7 @@ def records(run_dir: Path) -> list[dict]:
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         rec.pop("seconds", None)
+        rec["compute"].pop("seconds")
         out.append(rec)
     return out
 
@@ -48,6 +49,8 @@ def test_smoke_run_completes_with_report(smoke_run):
     recs = records(run_dir)
     assert [r["round"] for r in recs] == [0, 1, 2]
     assert recs[0]["labels_used"] == 2000 and all(r["labels_used"] == 0 for r in recs[1:])
+    assert recs[0]["compute"]["train_steps"] == 800 and recs[1]["compute"]["train_steps"] == 60
+    assert recs[1]["compute"]["generated_sequences"] > 200 * 4  # 4 samples per problem, plus evaluation
     for stage in ("acquire", "filter", "optimize", "evaluate", "promote"):
         assert (run_dir / "round-001" / stage / "COMPLETE").exists()
     assert (run_dir / "round-001" / "optimize" / "model" / "model.safetensors").exists()

@@ -147,9 +147,18 @@ class Loop:
         seed_everything(seed)
         ctx.stage, ctx.rng = name, random.Random(seed)
         self.plugins.hook.selfloop_on_stage_start(ctx=ctx, stage=name)
-        started = time.monotonic()
+        started, budget = time.monotonic(), ctx.budget
+        generated, steps = budget.generated_sequences, budget.train_steps
         metrics, write = compute()
-        metrics = {"round": ctx.round, "stage": name, "level": ctx.level, **metrics, "seconds": round(time.monotonic() - started, 2)}
+        metrics = {
+            "round": ctx.round,
+            "stage": name,
+            "level": ctx.level,
+            **metrics,
+            "seconds": round(time.monotonic() - started, 2),
+            "generated_sequences": budget.generated_sequences - generated,
+            "train_steps": budget.train_steps - steps,
+        }
         rd.write_stage(ctx.round, name, metrics, write)
         self.echo(_summary(ctx.round, name, metrics))
         self.plugins.hook.selfloop_on_stage_end(ctx=ctx, stage=name, metrics=metrics)
@@ -249,7 +258,8 @@ class Loop:
     def promote(self, state: LoopState):
         ctx, rd, loop = self.ctx, self.run_dir, self.run.loop
         round_ = ctx.round
-        evaluation = rd.stage_metrics(round_, "evaluate")["evaluators"]
+        stages = {s: rd.stage_metrics(round_, s) for s in ("acquire", "filter", "optimize", "evaluate") if rd.is_complete(round_, s)}
+        evaluation = stages["evaluate"]["evaluators"]
         autonomous = {n: r["score"] for n, r in evaluation.items() if not r["uses_references"]}
         gate: dict[str, list[float]] = {}
         if round_ == 0:
@@ -260,9 +270,8 @@ class Loop:
             worse = [n for n, (cand, inc) in gate.items() if cand < inc - loop.promotion.tolerance]
             promoted = not worse
             reason = "no autonomous evaluator got worse" if promoted else f"worse on {', '.join(worse)}"
-        labels = rd.stage_metrics(round_, "optimize")["labels_used"]
-        filt = rd.stage_metrics(round_, "filter") if round_ > 0 else None
-        acq = rd.stage_metrics(round_, "acquire")
+        labels = stages["optimize"]["labels_used"]
+        filt, acq = stages.get("filter"), stages["acquire"]
         next_level = self.next_level(state.level, round_, promoted, filt)
         incumbent_round = round_ if promoted else state.incumbent_round
         shown = evaluation if promoted else rd.stage_metrics(incumbent_round, "evaluate")["evaluators"]
@@ -286,6 +295,8 @@ class Loop:
             # ground truth, reported only (meta-evaluation of the loop); never fed back
             "meta": {n: r.get("by_level", {}) for n, r in shown.items() if r["uses_references"]},
             "candidate_meta": {n: r.get("by_level", {}) for n, r in evaluation.items() if r["uses_references"]},
+            # compute spent on the round (the promote stage adds its own seconds)
+            "compute": {k: round(sum(m.get(k, 0) for m in stages.values()), 2) for k in ("seconds", "generated_sequences", "train_steps")},
         }
         return record, None
 

@@ -115,7 +115,7 @@ class SFT(Optimizer):
             trainer = SFTTrainer(model=candidate.model, args=args, train_dataset=train, processing_class=tok)
             result = trainer.train()
         candidate.model.eval()
-        candidate.train_metrics = {"train_loss": round(float(result.training_loss), 5), "train_steps": c.max_steps}
+        candidate.train_metrics = {"train_loss": round(float(result.training_loss), 5)}
         ctx.budget.train_steps += c.max_steps
         return candidate
 
