@@ -111,7 +111,24 @@ def test_run_refuses_a_directory_that_holds_a_run(smoke_run):
 def test_bad_input_gives_one_clear_error(tmp_path):
     proc = selfloop("run", "filter=[nope]", f"hydra.run.dir={tmp_path / 'x'}", check=False)
     assert proc.returncode == 2 and "unknown filter 'nope'" in proc.stderr and "installed: roundtrip, uncertainty" in proc.stderr
+    proc = selfloop("run", "filter.uncertainty.min_agreement=abc", f"hydra.run.dir={tmp_path / 'y'}", check=False)
+    assert proc.returncode != 0 and "min_agreement" in proc.stderr and "abc" in proc.stderr
+    assert not (tmp_path / "y" / "run.json").exists()
     proc = selfloop("resume", str(tmp_path / "missing"), check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     proc = selfloop("frobnicate", check=False)
     assert proc.returncode == 2 and "commands: run, resume, plugins, report" in proc.stderr
+
+
+def test_multirun_gives_each_job_its_own_run_directory(tmp_path):
+    sweep = tmp_path / "sweep"
+    selfloop("run", "-m", "seed=0,1", "loop=smoke", "loop.rounds=0", "loop.bootstrap.optimize.sft.max_steps=20", f"hydra.sweep.dir={sweep}")
+    for job, seed in (("0", 0), ("1", 1)):
+        assert json.loads((sweep / job / "run.json").read_text())["status"] == "completed"
+        assert f"seed: {seed}\n" in (sweep / job / ".hydra" / "config.yaml").read_text()
+
+
+def test_cfg_job_shows_the_composed_config_without_running(tmp_path):
+    proc = selfloop("run", "--cfg", "job", "filter.uncertainty.min_agreement=0.8", f"hydra.run.dir={tmp_path / 'never'}")
+    assert "min_agreement: 0.8" in proc.stdout and "roundtrip:" in proc.stdout
+    assert not (tmp_path / "never").exists()

@@ -77,7 +77,9 @@ def cmd_run(overrides: list[str]) -> int:
     from selfloop.rundir import atomic_write_text
 
     plugins = load_plugins()
-    check_override_names([o for o in overrides if not o.startswith("-")], plugins.registry)
+    from hydra._internal.utils import get_args_parser  # Hydra's own CLI grammar (--cfg job, -m, ...)
+
+    check_override_names(get_args_parser().parse_known_args(overrides)[0].overrides, plugins.registry)
     register_configs(plugins.registry)
     outcome = {"code": 0}
 

@@ -158,8 +158,13 @@ def check_override_names(overrides: list[str], registry: Registry) -> None:
     Hydra lists the available options for ``filter=nope`` but not for ``filter=[nope]``.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
 
-    for override in OverridesParser.create().parse_overrides(overrides):
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException:
+        return  # malformed: Hydra itself reports it, with the position of the error
+    for override in parsed:
         kind = override.key_or_group
         if kind not in KINDS or override.is_delete():
             continue
