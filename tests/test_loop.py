@@ -194,3 +194,19 @@ def test_budget_guard_stops_before_a_new_round(tmp_path):
     assert loop.execute() == "budget_exhausted"
     assert json.loads((rd.root / "run.json").read_text())["status"] == "budget_exhausted"
     assert rd.records() == []
+
+
+def test_the_readme_plugin_example_works_in_a_loop(tmp_path):
+    """The README's 'Writing a plugin' code, registered as if installed, runs in a real loop."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(# selfloop_shortest/__init__.py.*?)```", readme, re.S).group(1)
+    module = types.ModuleType("selfloop_shortest")
+    exec(compile(code, "README.md", "exec"), module.__dict__)
+    loop, rd = run_with(tmp_path, {"shortest": module}, ["filter=[uncertainty,shortest]", "filter.uncertainty.min_agreement=0", "filter.shortest.keep=0.5"])
+    assert loop.execute() == "completed"
+    steps = rd.stage_metrics(1, "filter")["filters"]
+    assert [s["filter"] for s in steps] == ["uncertainty", "shortest"]
+    assert steps[1]["kept"] == steps[1]["of"] // 2

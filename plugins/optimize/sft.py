@@ -44,6 +44,16 @@ def tokenize_rows(tokenizer, prompts: list[str], answers: list[str]) -> tuple[li
     return ids, labels
 
 
+def _quiet_progress():
+    from transformers.trainer_callback import ProgressCallback
+
+    class QuietProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass
+
+    return ProgressCallback, QuietProgress
+
+
 class SFT(Optimizer):
     name = "sft"
     Config = SFTConfig
@@ -66,6 +76,7 @@ class SFT(Optimizer):
         from trl import SFTConfig as TRLConfig
         from trl import SFTTrainer
 
+        ProgressCallback, QuietProgress = _quiet_progress()
         c = self.config
         candidate = ctx.model.clone()
         pools = self.mixture(ctx, data)
@@ -113,6 +124,8 @@ class SFT(Optimizer):
             )
             candidate.model.train()
             trainer = SFTTrainer(model=candidate.model, args=args, train_dataset=train, processing_class=tok)
+            trainer.remove_callback(ProgressCallback)
+            trainer.add_callback(QuietProgress)  # the bar, without printing the metrics dict
             result = trainer.train()
         candidate.model.eval()
         candidate.train_metrics = {"train_loss": round(float(result.training_loss), 5)}
