@@ -62,7 +62,7 @@ def test_reloaded_config_is_validated_again(plugins, tmp_path):
 def test_config_naming_an_uninstalled_strategy_fails_with_the_list(plugins, tmp_path):
     cfg = OmegaConf.create(OmegaConf.to_yaml(compose([], plugins.registry)))
     cfg.filter = {"semantic_dedup": {}}
-    with pytest.raises(UnknownStrategyError, match=r"filter 'semantic_dedup'.*installed: roundtrip, uncertainty"):
+    with pytest.raises(UnknownStrategyError, match=r"unknown filter 'semantic_dedup'; installed: roundtrip, uncertainty"):
         Loop(cfg, RunDir(tmp_path), plugins)
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from selfloop import hookimpl
 from selfloop.config import compose
-from selfloop.errors import ContractError, LabelLeakError
+from selfloop.errors import ContractError
 from selfloop.loop import Loop
 from selfloop.plugins import load_plugins
 from selfloop.rundir import RunDir
@@ -69,13 +69,6 @@ def test_references_reach_training_only_when_allowed_and_are_counted(tmp_path):
     loop.execute()
     assert "reference" in seen[1][1]
     assert rd.records()[1]["labels_used"] == seen[1][2] > 0
-
-
-def test_label_guard_refuses_data_with_references():
-    from selfloop.data import assert_label_free, make_rows
-
-    with pytest.raises(LabelLeakError, match="allow_references_in_training"):
-        assert_label_free(make_rows([dict(id="a", prompt="1=", answer="1", reference="1")]), "x")
 
 
 def bad_filter_plugin(mode: str):

@@ -46,11 +46,11 @@ def _run_lock(run_dir: Path):
 
 def execute(cfg, run_dir: Path, plugins) -> str:
     """Run the loop in ``run_dir`` under its lock, then write and print the report."""
+    import datasets
+
     from selfloop.loop import Loop
     from selfloop.report import print_table, render
     from selfloop.rundir import RunDir
-
-    import datasets
 
     datasets.disable_progress_bars()  # stage saves are quick; keep the log readable
     rd = RunDir(run_dir)
@@ -69,6 +69,7 @@ def execute(cfg, run_dir: Path, plugins) -> str:
 
 def cmd_run(overrides: list[str]) -> int:
     import hydra
+    from hydra._internal.utils import get_args_parser  # Hydra's own CLI grammar (--cfg job, -m, ...)
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
@@ -77,8 +78,6 @@ def cmd_run(overrides: list[str]) -> int:
     from selfloop.rundir import atomic_write_text
 
     plugins = load_plugins()
-    from hydra._internal.utils import get_args_parser  # Hydra's own CLI grammar (--cfg job, -m, ...)
-
     check_override_names(get_args_parser().parse_known_args(overrides)[0].overrides, plugins.registry)
     register_configs(plugins.registry)
     outcome = {"code": 0}

@@ -133,12 +133,11 @@ def instantiate(registry: Registry, cfg: DictConfig, kind: str, overrides: dict 
 
 
 def check_known(registry: Registry, cfg: DictConfig) -> None:
-    """Fail early, naming the culprit, if the config names uninstalled strategies."""
+    """Fail early, naming the culprit and the installed names, if the config names an
+    uninstalled strategy (e.g. a resumed run whose plugin was uninstalled)."""
     for kind in KINDS:
         for name in selected(cfg, kind):
-            if name not in registry.entries[kind]:
-                available = ", ".join(registry.names(kind)) or "none installed"
-                raise UnknownStrategyError(f"the config names {kind} {name!r}, which no installed plugin provides; installed: {available}")
+            registry.get(kind, name)
 
 
 def validate_run_config(cfg: DictConfig) -> RunConfig:
@@ -171,9 +170,11 @@ def check_override_names(overrides: list[str], registry: Registry) -> None:
         values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
         for value in values:
             for name in value if isinstance(value, list) else [value]:
-                if isinstance(name, str) and name not in registry.entries[kind]:
-                    available = ", ".join(registry.names(kind)) or "none installed"
-                    raise UnknownStrategyError(f"unknown {kind} {name!r} in override {override.input_line!r}; installed: {available}")
+                if isinstance(name, str):
+                    try:
+                        registry.get(kind, name)
+                    except UnknownStrategyError as exc:
+                        raise UnknownStrategyError(f"{exc} (in override {override.input_line!r})") from None
 
 
 def prune_unselected(cfg: DictConfig) -> list[str]:

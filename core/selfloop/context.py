@@ -42,11 +42,14 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class BudgetMeter:
-    """Counts compute per stage; the loop stops starting rounds past ``max_minutes``."""
+    """Counts compute; the loop stops starting rounds past ``max_minutes``.
+
+    Optimizers add their steps to ``train_steps``; generated sequences are counted by
+    ``ModelHandle`` itself, so evaluators and filters that generate are counted too.
+    """
 
     max_minutes: float | None = None
     started: float = field(default_factory=time.monotonic)
-    generated_sequences: int = 0
     train_steps: int = 0
 
     @property
@@ -105,7 +108,6 @@ class RunContext:
 
         def base(ps: list[str], n: int = 1, temperature: float = 0.0) -> list[Generation]:
             outs = handle.generate(ps, n=n, temperature=temperature, max_new_tokens=max_new_tokens)
-            self.budget.generated_sequences += len(ps) * n
             return [Generation(p, cs, task.extract_answer(cs[0]) if cs else "") for p, cs in zip(ps, outs)]
 
         fn = base

