@@ -92,7 +92,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> Path:
         ax.plot(rounds, ys, style, marker="o", ms=3, color=cmap(i), label=f"{level}{' (labelled)' if level in labelled else ''}")
     ax.set(title="Ground-truth accuracy by difficulty (meta-evaluation)", xlabel="round", ylabel="exact match", ylim=(-0.02, 1.02))
     ax.set_xticks(rounds)
-    ax.legend(title="level", fontsize=7, ncol=2, loc="lower right")
+    ax.legend(title="level", fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(alpha=0.3)
     later = [r for r in records if r["round"] > 0]
     if later:
