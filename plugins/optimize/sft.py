@@ -44,14 +44,16 @@ def tokenize_rows(tokenizer, prompts: list[str], answers: list[str]) -> tuple[li
     return ids, labels
 
 
-def _quiet_progress():
+def quiet_progress(trainer) -> None:
+    """Keep the Trainer's progress bar but not the metrics dict it prints through it."""
     from transformers.trainer_callback import ProgressCallback
 
     class QuietProgress(ProgressCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             pass
 
-    return ProgressCallback, QuietProgress
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(QuietProgress)
 
 
 class SFT(Optimizer):
@@ -76,7 +78,6 @@ class SFT(Optimizer):
         from trl import SFTConfig as TRLConfig
         from trl import SFTTrainer
 
-        ProgressCallback, QuietProgress = _quiet_progress()
         c = self.config
         candidate = ctx.model.clone()
         pools = self.mixture(ctx, data)
@@ -124,8 +125,7 @@ class SFT(Optimizer):
             )
             candidate.model.train()
             trainer = SFTTrainer(model=candidate.model, args=args, train_dataset=train, processing_class=tok)
-            trainer.remove_callback(ProgressCallback)
-            trainer.add_callback(QuietProgress)  # the bar, without printing the metrics dict
+            quiet_progress(trainer)
             result = trainer.train()
         candidate.model.eval()
         candidate.train_metrics = {"train_loss": round(float(result.training_loss), 5)}
