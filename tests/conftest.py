@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import random
+import sys
 
 import pytest
+
+pytest_plugins = ["pytester"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -15,22 +17,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 @pytest.fixture(autouse=True)
-def restore_hydra():
-    """Hydra keeps process-wide singletons; give every test a clean GlobalHydra and ConfigStore."""
-    from hydra.core.config_store import ConfigStore
-    from hydra.core.global_hydra import GlobalHydra
-
-    from selfloop.registry import KINDS
-
-    # Only selfloop's entries: Hydra registers its own lazily, once per process.
-    ours = [*KINDS, "selfloop_schema.yaml"]
-    store = ConfigStore.instance()
-    saved = {k: copy.deepcopy(store.repo[k]) for k in ours if k in store.repo}
-    yield
-    for k in ours:
-        store.repo.pop(k, None)
-    store.repo.update(saved)
-    GlobalHydra.instance().clear()
+def restore_hydra(selfloop_hydra):
+    """Every test gets clean Hydra singletons (the fixture ships with selfloop.testing)."""
 
 
 @pytest.fixture(scope="session")
@@ -41,18 +29,11 @@ def plugins():
 
 
 @pytest.fixture
-def make_ctx(plugins, tmp_path):
-    """Build a RunContext for the default (or overridden) config, without running the loop."""
+def make_ctx(plugins, selfloop_ctx):
+    """Build a RunContext for the smoke config (or overridden), without running the loop."""
 
     def build(overrides: list[str] | None = None, level: int = 3, round_: int = 1, model=None):
-        from selfloop.config import compose
-        from selfloop.loop import Loop
-        from selfloop.rundir import RunDir
-
-        cfg = compose(["loop=smoke", *(overrides or [])], plugins.registry)
-        loop = Loop(cfg, RunDir(tmp_path / "run"), plugins, echo=lambda s: None)
-        ctx = loop.ctx
-        ctx.round, ctx.level, ctx.rng = round_, level, random.Random(0)
+        ctx = selfloop_ctx(overrides or [], plugins, level=level, round=round_)
         ctx.model = model
         return ctx
 
@@ -82,3 +63,25 @@ def trained_model(plugins, tmp_path_factory):
 
     torch.manual_seed(0)
     return SFT(SFTConfig(max_steps=800, batch_size=64, learning_rate=3e-3, replay_fraction=0.0)).optimize(ctx, data.remove_columns("reference"))
+
+
+@pytest.fixture
+def fake_presets(tmp_path, monkeypatch):
+    """An installed distribution (dist-info on sys.path) whose `selfloop.presets` entry point
+    ships a loop preset that selects one filter and sets its option."""
+    root = tmp_path / "site"
+    (root / "fake_presets" / "loop").mkdir(parents=True)
+    (root / "fake_presets" / "__init__.py").write_text("")
+    (root / "fake_presets" / "loop" / "tight.yaml").write_text(
+        "# @package _global_\n"
+        "defaults:\n  - smoke\n  - override /filter: [uncertainty]\n"
+        "filter:\n  uncertainty:\n    min_agreement: 0.5\n"
+        "loop:\n  rounds: 1\n"
+    )
+    info = root / "fake_presets-0.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-presets\nVersion: 0.3\n")
+    (info / "entry_points.txt").write_text("[selfloop.presets]\nfake = fake_presets\n")
+    monkeypatch.syspath_prepend(str(root))
+    yield
+    sys.modules.pop("fake_presets", None)

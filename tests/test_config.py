@@ -82,3 +82,10 @@ def test_preset_options_for_unselected_strategies_are_dropped(plugins):
 def test_bootstrap_overrides_are_validated_too(plugins):
     with pytest.raises(SelfloopError, match=r"optimize.sft.max_stepz"):
         strategy_config(plugins.registry, "optimize", "sft", {}, {"max_stepz": 3})
+
+
+def test_a_plugin_preset_composes_from_its_installed_package(plugins, fake_presets):
+    cfg = compose(["loop=tight"], plugins.registry)
+    assert list(cfg.filter) == ["uncertainty"] and cfg.filter.uncertainty.min_agreement == 0.5
+    assert cfg.loop.rounds == 1 and cfg.loop.bootstrap.n_problems == 2000  # on top of the built-in smoke preset
+    assert list(compose([], plugins.registry).filter) == ["uncertainty", "roundtrip"]  # the default is untouched

@@ -9,14 +9,15 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.slow
 
 SMOKE = ["loop=smoke", "seed=0"]
 
 
-def selfloop(*args, check=True, **kw):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+def selfloop(*args, check=True, env=None, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "selfloop.cli", *args], capture_output=True, text=True, env=env, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"selfloop {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -121,15 +122,20 @@ def test_bad_input_gives_one_clear_error(tmp_path):
     assert proc.returncode == 2 and "commands: run, resume, plugins, report" in proc.stderr
 
 
-def test_multirun_gives_each_job_its_own_run_directory(tmp_path):
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_multirun_gives_each_job_its_own_run_directory(tmp_path, launcher):
     sweep = tmp_path / "sweep"
-    selfloop("run", "-m", "seed=0,1", "loop=smoke", "loop.rounds=0", "loop.bootstrap.optimize.sft.max_steps=20", f"hydra.sweep.dir={sweep}")
-    for job, seed in (("0", 0), ("1", 1)):
+    selfloop("run", "-m", f"hydra/launcher={launcher}", "filter.uncertainty.min_agreement=0.6,0.8", "loop=smoke", "loop.rounds=0",
+             "loop.bootstrap.optimize.sft.max_steps=20", f"hydra.sweep.dir={sweep}", env={"OMP_NUM_THREADS": "1"})
+    for job, value in (("0", 0.6), ("1", 0.8)):
         assert json.loads((sweep / job / "run.json").read_text())["status"] == "completed"
-        assert f"seed: {seed}\n" in (sweep / job / ".hydra" / "config.yaml").read_text()
+        assert f"min_agreement: {value}\n" in (sweep / job / ".hydra" / "config.yaml").read_text()
 
 
 def test_cfg_job_shows_the_composed_config_without_running(tmp_path):
     proc = selfloop("run", "--cfg", "job", "filter.uncertainty.min_agreement=0.8", f"hydra.run.dir={tmp_path / 'never'}")
     assert "min_agreement: 0.8" in proc.stdout and "roundtrip:" in proc.stdout
     assert not (tmp_path / "never").exists()
+    # what the run would save: options the default loop preset sets for unselected strategies are dropped
+    proc = selfloop("run", "--cfg", "job", "loop=smoke", "evaluate=[exact_match]")
+    assert list(yaml.safe_load(proc.stdout)["evaluate"]) == ["exact_match"]

@@ -203,3 +203,72 @@ def test_the_readme_plugin_example_works_in_a_loop(tmp_path):
     steps = rd.stage_metrics(1, "filter")["filters"]
     assert [s["filter"] for s in steps] == ["uncertainty", "shortest"]
     assert steps[1]["kept"] == steps[1]["of"] // 2
+
+
+def one_strategy_plugin(name: str, kind_hook: str, cls: type):
+    module = types.ModuleType(name)
+    setattr(module, kind_hook, hookimpl(lambda register: register(cls)))
+    return module
+
+
+def test_an_exception_in_a_strategy_names_its_plugin(tmp_path):
+    class Exploding:
+        name = "exploding"
+
+        def __init__(self, config):
+            pass
+
+        def filter(self, ctx, data):
+            raise ZeroDivisionError("oops")
+
+    loop, rd = run_with(tmp_path, {"exploding_pkg": one_strategy_plugin("exploding_pkg", "selfloop_register_filters", Exploding)}, ["filter=[exploding]"])
+    with pytest.raises(ZeroDivisionError) as info:
+        loop.execute()
+    assert "raised by filter 'exploding' from plugin 'exploding_pkg'" in info.value.__notes__
+    assert rd.is_complete(1, "acquire")
+
+
+def test_a_refiner_returning_the_wrong_type_is_named(tmp_path):
+    class Lossy:
+        name = "lossy"
+
+        def __init__(self, config):
+            pass
+
+        def refine(self, ctx, prompts, generate):
+            return generate(prompts)[:-1]  # drops the last prompt
+
+    loop, rd = run_with(tmp_path, {"lossy_pkg": one_strategy_plugin("lossy_pkg", "selfloop_register_refiners", Lossy)}, ["refine=[lossy]"])
+    with pytest.raises(ContractError, match=r"refine 'lossy' from plugin 'lossy_pkg' returned a list of \d+; expected a list of \d+ Generation"):
+        loop.execute()
+
+
+def test_a_model_provider_returning_the_wrong_type_is_named(tmp_path):
+    class Raw:
+        name = "raw"
+
+        def __init__(self, config):
+            pass
+
+        def build(self, ctx):
+            return object()
+
+    loop, _ = run_with(tmp_path, {"raw_pkg": one_strategy_plugin("raw_pkg", "selfloop_register_models", Raw)}, ["model=raw"])
+    with pytest.raises(ContractError, match=r"model 'raw' from plugin 'raw_pkg' build\(\) returned object; expected a selfloop.model.ModelHandle"):
+        loop.execute()
+
+
+def test_an_observer_that_raises_stops_the_run_naming_its_plugin(tmp_path):
+    guard = types.ModuleType("guard")
+
+    @hookimpl
+    def selfloop_on_round_end(ctx, record):
+        if record["round"] == 1:
+            raise RuntimeError("label precision dropped")
+
+    guard.selfloop_on_round_end = selfloop_on_round_end
+    loop, rd = run_with(tmp_path, {"guard": guard}, [])
+    with pytest.raises(RuntimeError, match="label precision dropped") as info:
+        loop.execute()
+    assert "raised in selfloop_on_round_end by plugin 'guard' (not installed)" in info.value.__notes__
+    assert rd.is_complete(1, "promote")  # the round it judged is safely on disk

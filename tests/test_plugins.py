@@ -110,3 +110,37 @@ def test_plugins_command_lists_json_without_importing_torch():
     assert by_name["uncertainty"]["provides"] == {"filter": ["uncertainty"]}
     assert by_name["uncertainty"]["hooks"] == ["selfloop_register_filters"]
     assert by_name["sft"]["distribution"] == "selfloop"
+
+
+def test_a_registration_hook_that_returns_classes_is_told_to_register_them():
+    returning = types.ModuleType("returning")
+
+    class Mine:
+        name = "mine"
+
+        def filter(self, ctx, data):
+            return data
+
+    returning.selfloop_register_filters = hookimpl(lambda register: [Mine])
+    with pytest.warns(PluginWarning, match=r"'returning'.*selfloop_register_filters returned a list; call register\(cls\)"):
+        loaded = load_plugins(extra={"returning": returning}, strict=False)
+    assert "mine" not in loaded.registry.names("filter")
+
+
+def test_registering_an_instance_or_a_class_without_its_method_is_refused():
+    module = types.ModuleType("sloppy")
+
+    class NoMethod:
+        name = "no_method"
+
+    module.selfloop_register_filters = hookimpl(lambda register: register(NoMethod))
+    with pytest.raises(PluginError, match=r"plugin 'sloppy'.*filter 'no_method' lacks the method\(s\) filter"):
+        load_plugins(extra={"sloppy": module}, strict=True)
+
+
+def test_plugins_lists_presets_of_installed_packages(fake_presets):
+    from selfloop.cli import plugins_summary
+
+    summary = plugins_summary()
+    assert {"name": "fake", "package": "fake_presets", "distribution": "fake-presets", "version": "0.3", "presets": ["loop/tight"]} in summary["presets"]
+

@@ -4,6 +4,8 @@
     selfloop resume RUN_DIR               continue a stopped run from its first incomplete stage
     selfloop plugins [--json]             installed plugins and what each provides (fast: no torch)
     selfloop report RUN_DIR               rebuild report.md and curves.png from metrics.jsonl
+    selfloop new-plugin NAME --stage STAGE [--dir DIR]
+                                          scaffold a plugin package (entry point, config, tests)
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from selfloop.errors import RunDirError, SelfloopError
 
-COMMANDS = ("run", "resume", "plugins", "report")
+COMMANDS = ("run", "resume", "plugins", "report", "new-plugin")
 log = logging.getLogger("selfloop")
 
 
@@ -78,7 +80,15 @@ def cmd_run(overrides: list[str]) -> int:
     from selfloop.rundir import atomic_write_text
 
     plugins = load_plugins()
-    check_override_names(get_args_parser().parse_known_args(overrides)[0].overrides, plugins.registry)
+    args = get_args_parser().parse_known_args(overrides)[0]
+    check_override_names(args.overrides, plugins.registry)
+    if args.cfg == "job" and not args.multirun:
+        # a dry run: the config the run would save (Hydra's own --cfg prints it unpruned)
+        from selfloop.config import compose
+
+        cfg = compose(args.overrides, plugins.registry)
+        print(OmegaConf.to_yaml(cfg, resolve=bool(args.resolve)), end="")
+        return 0
     register_configs(plugins.registry)
     outcome = {"code": 0}
 
@@ -134,10 +144,23 @@ def cmd_resume(path: str) -> int:
 
 
 def plugins_summary() -> dict:
+    from importlib.metadata import entry_points
+
     from selfloop.plugins import load_plugins
+    from selfloop.presets import GROUP, list_presets
 
     plugins = load_plugins()
     provided = plugins.registry.by_plugin()
+    presets = [
+        {
+            "name": ep.name,
+            "package": ep.value,
+            "distribution": ep.dist.metadata["Name"] if ep.dist else None,
+            "version": ep.dist.version if ep.dist else None,
+            "presets": list_presets(ep.value),
+        }
+        for ep in sorted(entry_points(group=GROUP), key=lambda ep: ep.name)
+    ]
     return {
         "plugins": [
             {
@@ -151,6 +174,7 @@ def plugins_summary() -> dict:
             }
             for info in plugins.info.values()
         ],
+        "presets": presets,
         "problems": plugins.problems(),
     }
 
@@ -160,11 +184,21 @@ def cmd_plugins(as_json: bool) -> int:
     if as_json:
         print(json.dumps(summary, indent=2))
         return 0
+    rows = []
     for p in summary["plugins"]:
-        provides = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in sorted(p["provides"].items())) or "nothing"
-        origin = f"{p['distribution'] or '?'} {p['version'] or ''}".strip()
-        status = f"  ERROR: {p['error']}" if p["error"] else ""
-        print(f"{p['name']:<24} {origin:<20} {provides}{status}")
+        provides = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in sorted(p["provides"].items()))
+        observes = [h for h in p["hooks"] if not h.startswith("selfloop_register_")]
+        if observes:
+            provides = "; ".join(filter(None, [provides, f"hooks: {', '.join(observes)}"]))
+        if p["error"]:
+            provides = f"{provides}  ERROR: {p['error']}".strip()
+        rows.append((p["name"], f"{p['distribution'] or '?'} {p['version'] or ''}".strip(), provides or "nothing"))
+    for p in summary["presets"]:
+        rows.append((p["name"], f"{p['distribution'] or '?'} {p['version'] or ''}".strip(),
+                     f"presets: {', '.join(p['presets']) or 'none found in ' + p['package']}"))
+    widths = [max(len(r[i]) for r in [("plugin", "distribution", ""), *rows]) + 2 for i in (0, 1)]
+    for name, origin, provides in [("plugin", "distribution", "provides"), *rows]:
+        print(f"{name:<{widths[0]}}{origin:<{widths[1]}}{provides}")
     for problem in summary["problems"]:
         print(f"problem: {problem}")
     return 0
@@ -178,6 +212,16 @@ def cmd_report(path: str) -> int:
         raise RunDirError(f"run directory {run_dir} does not exist")
     print_table(render(run_dir))
     print(f"wrote {run_dir / 'report.md'} and {run_dir / 'curves.png'}")
+    return 0
+
+
+def cmd_new_plugin(name: str, stage: str, dest: str | None) -> int:
+    from selfloop.scaffold import render
+
+    target = Path(dest or f"selfloop-{name.replace('_', '-')}")
+    for path in render(name, stage, target):
+        print(f"wrote {path}")
+    print(f"next: cd {target} && pip install -e '.[test]' && python -m pytest")
     return 0
 
 
@@ -201,6 +245,14 @@ def main(argv: list[str] | None = None) -> int:
         if command == "report":
             parser.add_argument("run_dir")
             return cmd_report(parser.parse_args(rest).run_dir)
+        if command == "new-plugin":
+            from selfloop.scaffold import STAGES
+
+            parser.add_argument("name", help="the strategy name, e.g. my_filter (lowercase, digits, _)")
+            parser.add_argument("--stage", required=True, choices=STAGES)
+            parser.add_argument("--dir", help="where to write the package (default: ./selfloop-NAME)")
+            args = parser.parse_args(rest)
+            return cmd_new_plugin(args.name, args.stage, args.dir)
     except SelfloopError as exc:
         return _fail(str(exc))
     return _fail(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")

@@ -16,7 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from selfloop.errors import SelfloopError, UnknownStrategyError
+from selfloop.presets import register_resolver
 from selfloop.registry import KINDS, SINGLE_CHOICE, Registry
+
+register_resolver()  # conf/config.yaml's hydra.searchpath names installed plugins' presets
 
 CONFIG_MODULE = "selfloop.conf"
 PRIMARY = "config"

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from selfloop.errors import ContractError, blame
 from selfloop.strategy import Generation
 
 if TYPE_CHECKING:
@@ -130,8 +131,15 @@ class RunContext:
 
 
 def _bind(refiner: Any, ctx: RunContext, inner: Any) -> Any:
+    culprit = ctx.registry.describe("refine", refiner.name)
+
     def refined(ps: list[str], n: int = 1, temperature: float = 0.0) -> list[Generation]:
         # An outer layer's sampling request becomes the default of this layer's calls.
-        return refiner.refine(ctx, ps, functools.partial(inner, n=n, temperature=temperature))
+        with blame(culprit):
+            out = refiner.refine(ctx, ps, functools.partial(inner, n=n, temperature=temperature))
+        if not isinstance(out, list) or len(out) != len(ps) or not all(isinstance(g, Generation) for g in out):
+            got = f"a list of {len(out)}" if isinstance(out, list) else type(out).__name__
+            raise ContractError(f"{culprit} returned {got}; expected a list of {len(ps)} Generation, one per prompt in order")
+        return out
 
     return refined

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from selfloop import data as contract
 from selfloop.config import Advance, RunConfig, check_known, instantiate, selected, validate_run_config
 from selfloop.context import BudgetMeter, RunContext, seed_everything, stage_seed
-from selfloop.errors import ContractError
+from selfloop.errors import ContractError, blame
 from selfloop.model import ModelHandle, resolve_device
 from selfloop.plugins import Plugins
 from selfloop.registry import STAGES
@@ -38,11 +38,7 @@ class LoopState:
 
 
 def describe(strategy: Any, kind: str, plugins: Plugins) -> str:
-    entry = plugins.registry.entries[kind].get(strategy.name)
-    origin = f" from plugin {entry.plugin!r}" if entry else ""
-    if entry and entry.distribution:
-        origin += f" ({entry.distribution} {entry.version})"
-    return f"{kind} {strategy.name!r}{origin}"
+    return plugins.registry.describe(kind, strategy.name)
 
 
 class Loop:
@@ -71,7 +67,7 @@ class Loop:
     # -- the whole run ---------------------------------------------------------------------
     def execute(self) -> str:
         """Run (or resume) every round; return the final status."""
-        rd, ctx, hook = self.run_dir, self.ctx, self.plugins.hook
+        rd, ctx, notify = self.run_dir, self.ctx, self.plugins.notify
         removed = rd.clean_partial()
         if removed:
             self.echo(f"resume: removed {len(removed)} half-written stage(s): {', '.join(p.name for p in removed)}")
@@ -81,7 +77,7 @@ class Loop:
             versions=package_versions(),
             plugins={n: {"distribution": i.distribution, "version": i.version, "hooks": i.hooks} for n, i in self.plugins.info.items() if not i.error},
         )
-        hook.selfloop_on_run_start(ctx=ctx)
+        notify("selfloop_on_run_start", ctx=ctx)
         status = "failed"
         try:
             for round_ in range(self.run.loop.rounds + 1):
@@ -96,10 +92,10 @@ class Loop:
                 status = "completed"
         except BaseException as exc:
             rd.write_run_json(status="failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted", error=f"{type(exc).__name__}: {exc}")
-            hook.selfloop_on_run_end(ctx=ctx, status="failed")
+            notify("selfloop_on_run_end", ctx=ctx, status="failed")
             raise
         rd.write_run_json(status=status, error=None)
-        hook.selfloop_on_run_end(ctx=ctx, status=status)
+        notify("selfloop_on_run_end", ctx=ctx, status=status)
         return status
 
     def state(self) -> LoopState:
@@ -115,7 +111,7 @@ class Loop:
         state = self.state()
         ctx.round, ctx.level = round_, state.level
         ctx.model = self.load_incumbent(state)
-        self.plugins.hook.selfloop_on_round_start(ctx=ctx)
+        self.plugins.notify("selfloop_on_round_start", ctx=ctx)
         if round_ == 0:
             self.stage("acquire", self.acquire_bootstrap)
         else:
@@ -125,14 +121,19 @@ class Loop:
         self.stage("evaluate", self.evaluate)
         record = self.stage("promote", lambda: self.promote(state))
         rd.write_metrics_jsonl()
-        self.plugins.hook.selfloop_on_round_end(ctx=ctx, record=record)
+        self.plugins.notify("selfloop_on_round_end", ctx=ctx, record=record)
         return record
 
     def load_incumbent(self, state: LoopState):
         if state.incumbent_round is None:
             seed_everything(stage_seed(self.run.seed, 0, "model"))
             (provider,) = self.ctx.strategies["model"]
-            return provider.build(self.ctx)
+            culprit = describe(provider, "model", self.plugins)
+            with blame(culprit):
+                handle = provider.build(self.ctx)
+            if not isinstance(handle, ModelHandle):
+                raise ContractError(f"{culprit} build() returned {type(handle).__name__}; expected a selfloop.model.ModelHandle")
+            return handle
         return ModelHandle.load(self.run_dir.stage_dir(state.incumbent_round, "optimize") / "model", device=self.ctx.device)
 
     def stage(self, name: str, compute: Callable[[], tuple[dict[str, Any], Callable | None]]) -> dict[str, Any]:
@@ -143,7 +144,7 @@ class Loop:
         seed = stage_seed(self.run.seed, ctx.round, name)
         seed_everything(seed)
         ctx.stage, ctx.rng = name, random.Random(seed)
-        self.plugins.hook.selfloop_on_stage_start(ctx=ctx, stage=name)
+        self.plugins.notify("selfloop_on_stage_start", ctx=ctx, stage=name)
         started, budget = time.monotonic(), ctx.budget
         generated, steps = ModelHandle.generated_sequences, budget.train_steps
         metrics, write = compute()
@@ -158,7 +159,7 @@ class Loop:
         }
         rd.write_stage(ctx.round, name, metrics, write)
         self.echo(_summary(ctx.round, name, metrics))
-        self.plugins.hook.selfloop_on_stage_end(ctx=ctx, stage=name, metrics=metrics)
+        self.plugins.notify("selfloop_on_stage_end", ctx=ctx, stage=name, metrics=metrics)
         return metrics
 
     def load_data(self, stage: str):
@@ -181,7 +182,9 @@ class Loop:
         parts = []
         for acquirer in ctx.strategies["acquire"]:
             culprit = describe(acquirer, "acquire", self.plugins)
-            parts.append(contract.check_dataset(acquirer.acquire(ctx), culprit))
+            with blame(culprit):
+                acquired = acquirer.acquire(ctx)
+            parts.append(contract.check_dataset(acquired, culprit))
         data = contract.concat(parts)
         contract.check_dataset(data, "the acquirers together")
         metrics = {"rows": len(data), "by_level": _count_levels(data), "label_precision": self.precision(data)}
@@ -195,7 +198,9 @@ class Loop:
         for strategy in ctx.strategies["filter"]:
             before = len(data)
             culprit = describe(strategy, "filter", self.plugins)
-            data = contract.check_filtered(data, strategy.filter(ctx, data), culprit, f"score_{strategy.name}")
+            with blame(culprit):
+                kept = strategy.filter(ctx, data)
+            data = contract.check_filtered(data, kept, culprit, f"score_{strategy.name}")
             steps.append({"filter": strategy.name, "kept": len(data), "of": before})
         refs = dict(zip(acquired["id"], acquired["reference"]))
         at_level = sum(1 for d in acquired["difficulty"] if d == ctx.level)
@@ -227,7 +232,8 @@ class Loop:
         (optimizer,) = instantiate(self.plugins.registry, self.cfg, "optimize", overrides)
         ctx.strategies["optimize"] = [optimizer]
         culprit = describe(optimizer, "optimize", self.plugins)
-        candidate = optimizer.optimize(ctx, data)
+        with blame(culprit):
+            candidate = optimizer.optimize(ctx, data)
         if not isinstance(candidate, ModelHandle):
             raise ContractError(f"{culprit} returned {type(candidate).__name__}; expected a selfloop.model.ModelHandle")
         if candidate is ctx.model and not bootstrap:
@@ -241,7 +247,8 @@ class Loop:
         results = {}
         for evaluator in ctx.strategies["evaluate"]:
             culprit = describe(evaluator, "evaluate", self.plugins)
-            out = evaluator.evaluate(ctx, candidate)
+            with blame(culprit):
+                out = evaluator.evaluate(ctx, candidate)
             if not isinstance(out, dict) or not isinstance(out.get("score"), (int, float)):
                 raise ContractError(f"{culprit} evaluate() returned {out!r}; expected a dict with a numeric 'score'")
             results[evaluator.name] = {**out, "uses_references": bool(getattr(evaluator, "uses_references", False))}

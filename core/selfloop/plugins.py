@@ -17,7 +17,7 @@ from typing import Any
 import pluggy
 
 from selfloop import hookspecs
-from selfloop.errors import PluginError
+from selfloop.errors import PluginError, add_note
 from selfloop.registry import Registry
 
 GROUP = "selfloop"
@@ -62,6 +62,24 @@ class Plugins:
     def problems(self) -> list[str]:
         return [f"{i.name}: {i.error}" for i in self.info.values() if i.error] + self.registry.problems
 
+    def origin(self, plugin_name: str) -> str:
+        info = self.info.get(plugin_name)
+        return _origin(info) if info else f"plugin {plugin_name!r}"
+
+    def notify(self, hook_name: str, **kwargs: Any) -> None:
+        """Call an observer hook on every plugin that implements it. An exception still
+        stops the run (a guard may mean to), now noting the plugin that raised it."""
+        for impl in getattr(self.manager.hook, hook_name).get_hookimpls():
+            try:
+                impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+            except Exception as exc:
+                add_note(exc, f"raised in {hook_name} by {self.origin(impl.plugin_name)}")
+                raise
+
+
+def _origin(plugin: PluginInfo) -> str:
+    return f"plugin {plugin.name!r} ({plugin.distribution or 'not installed'} {plugin.version or ''})".replace(" )", ")")
+
 
 def strict_mode() -> bool:
     return os.environ.get("SELFLOOP_STRICT_PLUGINS", "").lower() in ("1", "true", "yes")
@@ -98,7 +116,7 @@ def load_plugins(extra: dict[str, object] | None = None, strict: bool | None = N
 
     def report(plugin: PluginInfo, message: str) -> None:
         plugin.error = message if plugin.error is None else f"{plugin.error}; {message}"
-        text = f"selfloop plugin {plugin.name!r} ({plugin.distribution or 'not installed'} {plugin.version or ''}): {message}"
+        text = f"selfloop {_origin(plugin)}: {message}"
         if strict:
             raise PluginError(text)
         warnings.warn(text, PluginWarning, stacklevel=3)
@@ -137,7 +155,7 @@ def load_plugins(extra: dict[str, object] | None = None, strict: bool | None = N
                 registry.add(_kind, cls, _plugin.name, _plugin.distribution, _plugin.version)
 
             try:
-                impl.function(**{arg: register for arg in impl.argnames})
+                returned = impl.function(**{arg: register for arg in impl.argnames})
             except PluginError as exc:
                 registry.problems.append(str(exc))
                 if strict:
@@ -145,4 +163,7 @@ def load_plugins(extra: dict[str, object] | None = None, strict: bool | None = N
                 warnings.warn(str(exc), PluginWarning, stacklevel=2)
             except Exception as exc:
                 report(plugin, f"raised in {hook_name}: {type(exc).__name__}: {exc}")
+            else:
+                if returned is not None:  # e.g. `return [MyFilter]`: that registers nothing
+                    report(plugin, f"{hook_name} returned a {type(returned).__name__}; call register(cls) for each class instead")
     return Plugins(manager, registry, info)

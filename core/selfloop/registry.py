@@ -72,6 +72,11 @@ class Registry:
             available = ", ".join(sorted(self.entries.get(kind, {}))) or "none installed"
             raise UnknownStrategyError(f"unknown {kind} {name!r}; installed: {available}") from None
 
+    def describe(self, kind: str, name: str) -> str:
+        """``filter 'x' from plugin 'p' (dist 1.0)``: how errors name a strategy."""
+        entry = self.entries.get(kind, {}).get(name)
+        return f"{kind} {name!r}" + (f" from {_origin(entry.plugin, entry.distribution, entry.version)}" if entry else "")
+
     def names(self, kind: str) -> list[str]:
         return sorted(self.entries[kind])
 

@@ -1,0 +1,47 @@
+"""Tools for plugin authors: pytest fixtures and per-stage contract suites.
+
+The fixtures (``selfloop_register``, ``selfloop_compose``, ``selfloop_ctx``,
+``selfloop_smoke_loop``, ``selfloop_hydra``) load automatically in any environment where
+selfloop is installed (the ``pytest11`` entry point). The contract suites are classes to
+subclass in a test module::
+
+    from selfloop.testing import FilterContract
+
+    class TestMyFilter(FilterContract):
+        @pytest.fixture
+        def strategy(self):
+            return MyFilter(MyFilter.Config(threshold=0.5))
+
+Every test of the suite then runs against ``MyFilter``; a strategy that breaks its stage's
+contract fails with a message that says which part.
+"""
+
+import pytest
+
+pytest.register_assert_rewrite("selfloop.testing.contracts")
+
+from selfloop.testing.contracts import (  # noqa: E402
+    AcquirerContract,
+    EvaluatorContract,
+    FilterContract,
+    ModelProviderContract,
+    OptimizerContract,
+    RefinerContract,
+    StrategyContract,
+    TaskContract,
+)
+from selfloop.testing.helpers import SmokeRun, infer_kind, in_process_plugin  # noqa: E402
+
+__all__ = [
+    "AcquirerContract",
+    "EvaluatorContract",
+    "FilterContract",
+    "ModelProviderContract",
+    "OptimizerContract",
+    "RefinerContract",
+    "SmokeRun",
+    "StrategyContract",
+    "TaskContract",
+    "in_process_plugin",
+    "infer_kind",
+]
