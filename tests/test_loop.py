@@ -190,7 +190,7 @@ def test_budget_guard_stops_before_a_new_round(tmp_path):
 
 
 def test_the_readme_plugin_example_works_in_a_loop(tmp_path):
-    """The README's 'Writing a plugin' code, registered as if installed, runs in a real loop."""
+    """The README's plugin example, registered as if installed, runs in a real loop."""
     import re
     from pathlib import Path
 

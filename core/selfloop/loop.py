@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from selfloop import data as contract
 from selfloop.config import Advance, RunConfig, check_known, instantiate, selected, validate_run_config
 from selfloop.context import BudgetMeter, RunContext, seed_everything, stage_seed
-from selfloop.errors import ContractError, blame
+from selfloop.errors import ContractError, add_note, blame
 from selfloop.model import ModelHandle, resolve_device
 from selfloop.plugins import Plugins
 from selfloop.registry import STAGES
@@ -77,9 +77,9 @@ class Loop:
             versions=package_versions(),
             plugins={n: {"distribution": i.distribution, "version": i.version, "hooks": i.hooks} for n, i in self.plugins.info.items() if not i.error},
         )
-        notify("selfloop_on_run_start", ctx=ctx)
         status = "failed"
         try:
+            notify("selfloop_on_run_start", ctx=ctx)
             for round_ in range(self.run.loop.rounds + 1):
                 if rd.is_complete(round_, "promote"):
                     continue
@@ -92,7 +92,10 @@ class Loop:
                 status = "completed"
         except BaseException as exc:
             rd.write_run_json(status="failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted", error=f"{type(exc).__name__}: {exc}")
-            notify("selfloop_on_run_end", ctx=ctx, status="failed")
+            try:  # every observer that saw the start sees the end, e.g. to close its files
+                notify("selfloop_on_run_end", ctx=ctx, status="failed")
+            except Exception as also:  # the run's own error is the one to report
+                add_note(exc, f"selfloop_on_run_end failed too: {type(also).__name__}: {also}")
             raise
         rd.write_run_json(status=status, error=None)
         notify("selfloop_on_run_end", ctx=ctx, status=status)
