@@ -13,7 +13,13 @@ subclass in a test module::
             return MyFilter(MyFilter.Config(threshold=0.5))
 
 Every test of the suite then runs against ``MyFilter``; a strategy that breaks its stage's
-contract fails with a message that says which part.
+contract fails with a message that says which part. The functions behind the fixtures are
+exported too, e.g. to share one smoke loop across a module::
+
+    @pytest.fixture(scope="module")
+    def run(tmp_path_factory):
+        with restored_hydra():
+            return smoke_loop(tmp_path_factory.mktemp("run"), ["filter=[uncertainty,my_filter]"])
 """
 
 import pytest
@@ -30,7 +36,16 @@ from selfloop.testing.contracts import (  # noqa: E402
     StrategyContract,
     TaskContract,
 )
-from selfloop.testing.helpers import SmokeRun, infer_kind, in_process_plugin  # noqa: E402
+from selfloop.testing.helpers import (  # noqa: E402
+    SmokeRun,
+    build_ctx,
+    compose,
+    in_process_plugin,
+    infer_kind,
+    plugins_with,
+    restored_hydra,
+    smoke_loop,
+)
 
 __all__ = [
     "AcquirerContract",
@@ -42,6 +57,11 @@ __all__ = [
     "SmokeRun",
     "StrategyContract",
     "TaskContract",
+    "build_ctx",
+    "compose",
     "in_process_plugin",
     "infer_kind",
+    "plugins_with",
+    "restored_hydra",
+    "smoke_loop",
 ]

@@ -1,0 +1,1 @@
+# makes conf/ a package, so that setuptools ships the presets
