@@ -116,6 +116,10 @@ def test_bad_input_gives_one_clear_error(tmp_path):
     proc = selfloop("run", "filter.uncertainty.min_agreement=abc", f"hydra.run.dir={tmp_path / 'y'}", check=False)
     assert proc.returncode != 0 and "min_agreement" in proc.stderr and "abc" in proc.stderr
     assert not (tmp_path / "y" / "run.json").exists()
+    # options checked when the strategies are built: the run directory is not even left behind
+    proc = selfloop("run", "loop.bootstrap.optimize.sft.max_steps=many", f"hydra.run.dir={tmp_path / 'z'}", check=False)
+    assert proc.returncode == 2 and "optimize.sft.max_steps" in proc.stderr and "many" in proc.stderr
+    assert not (tmp_path / "z").exists()
     proc = selfloop("resume", str(tmp_path / "missing"), check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     proc = selfloop("frobnicate", check=False)

@@ -46,20 +46,36 @@ def _run_lock(run_dir: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def execute(cfg, run_dir: Path, plugins) -> str:
-    """Run the loop in ``run_dir`` under its lock, then write and print the report."""
-    import datasets
-
+def build_loop(cfg, run_dir: Path, plugins):
+    """The loop for ``run_dir``: validates the config and builds every strategy, writing nothing."""
     from selfloop.loop import Loop
-    from selfloop.report import print_table, render
     from selfloop.rundir import RunDir
 
+    return Loop(cfg, RunDir(run_dir), plugins, echo=log.info)
+
+
+def discard_if_unused(run_dir: Path) -> None:
+    """Remove a run directory that holds nothing but Hydra's empty log (a run that never started)."""
+    import shutil
+
+    entries = list(run_dir.iterdir()) if run_dir.is_dir() else []
+    if all(e.name == "selfloop.log" and e.is_file() and e.stat().st_size == 0 for e in entries):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def execute(loop) -> str:
+    """Run the loop in its run directory under a lock, then write and print the report."""
+    import datasets
+
+    from selfloop.report import print_table, render
+
     datasets.disable_progress_bars()  # stage saves are quick; keep the log readable
-    rd = RunDir(run_dir)
+    rd = loop.run_dir
+    run_dir = rd.root
     records = None
     with _run_lock(run_dir):
         try:
-            status = Loop(cfg, rd, plugins, echo=log.info).execute()
+            status = loop.execute()
         finally:  # a failed run still gets the report of its finished rounds
             if rd.metrics_jsonl.exists():
                 records = render(run_dir)
@@ -100,6 +116,14 @@ def cmd_run(overrides: list[str]) -> int:
             outcome["code"] = _fail(f"{run_dir} already holds a run; continue it with `selfloop resume {run_dir}` or choose another hydra.run.dir")
             return
         prune_unselected(cfg)
+        try:  # bad options fail here, before anything is written
+            loop = build_loop(cfg, run_dir, plugins)
+        except SelfloopError as exc:
+            discard_if_unused(run_dir)
+            outcome["code"] = _fail(str(exc))
+            if hydra_cfg.mode.name == "MULTIRUN":
+                raise
+            return
         # We save the composed config ourselves (hydra.output_subdir is null) so that a
         # run directory that already holds a run is never overwritten.
         meta = run_dir / ".hydra"
@@ -107,7 +131,7 @@ def cmd_run(overrides: list[str]) -> int:
         atomic_write_text(meta / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(hydra_cfg.overrides.task))))
         atomic_write_text(meta / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": OmegaConf.to_container(hydra_cfg)})))
         try:
-            execute(cfg, run_dir, plugins)
+            execute(loop)
         except SelfloopError as exc:
             outcome["code"] = _fail(f"{exc} (run directory: {run_dir})")
             if hydra_cfg.mode.name == "MULTIRUN":
@@ -139,7 +163,7 @@ def cmd_resume(path: str) -> int:
         cfg = OmegaConf.load(RunDir(run_dir).config_path)
     except Exception as exc:
         raise RunDirError(f"{run_dir}/.hydra/config.yaml is corrupt: {exc}") from None
-    execute(cfg, run_dir, load_plugins())
+    execute(build_loop(cfg, run_dir, load_plugins()))
     return 0
 
 

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig
 
 from selfloop import data as contract
-from selfloop.config import Advance, RunConfig, check_known, instantiate, selected, validate_run_config
+from selfloop.config import Advance, RunConfig, check_known, instantiate, selected, strategy_config, validate_run_config
 from selfloop.context import BudgetMeter, RunContext, seed_everything, stage_seed
 from selfloop.errors import ContractError, add_note, blame
 from selfloop.model import ModelHandle, resolve_device
@@ -52,6 +52,9 @@ class Loop:
         registry = plugins.registry
         (task,) = instantiate(registry, cfg, "task")
         strategies = {kind: instantiate(registry, cfg, kind) for kind in ("model", *STAGES)}
+        # round 0's option overrides too, so a typo fails now rather than after the run began
+        (optimizer,) = selected(cfg, "optimize")
+        strategy_config(registry, "optimize", optimizer, cfg.optimize[optimizer], dict(self.run.loop.bootstrap.optimize.get(optimizer) or {}))
         self.ctx = RunContext(
             cfg=cfg,
             run=self.run,

@@ -113,13 +113,31 @@ class SmokeRun:
         return RunDir(self.run_dir).stage_metrics(round_, stage)
 
 
-def smoke_loop(run_dir: Path, overrides: Sequence[str] = (), plugins: Plugins | None = None, rounds: int = 1) -> SmokeRun:
-    """Run ``loop=smoke`` (bootstrap + ``rounds`` self-improvement rounds) in ``run_dir``."""
+# Enough training for every code path to run, not for the model to learn much: plugin tests
+# check wiring and contracts in seconds (the full smoke bootstrap takes 800 steps).
+QUICK = ("loop.bootstrap.optimize.sft.max_steps=60", "optimize.sft.max_steps=10")
+
+
+def smoke_loop(run_dir: Path, overrides: Sequence[str] = (), plugins: Plugins | None = None, rounds: int = 1,
+               quick: bool = True) -> SmokeRun:
+    """Run ``loop=smoke`` (bootstrap + ``rounds`` self-improvement rounds) in ``run_dir``.
+
+    ``quick`` (the default) trains only a few dozen steps (``QUICK``), about 10 s a round on
+    2 CPU cores: pass ``quick=False`` when a test needs the model to learn. ``overrides``
+    apply last and win either way.
+    """
     from selfloop.loop import Loop
     from selfloop.rundir import RunDir
 
     plugins = plugins or load_plugins(strict=True)
-    cfg = compose(["loop=smoke", f"loop.rounds={rounds}", *overrides], plugins)
+    sizes = [*QUICK] if quick and "sft" in _optimizers(overrides) else []
+    cfg = compose(["loop=smoke", f"loop.rounds={rounds}", *sizes, *overrides], plugins)
     rd = RunDir(Path(run_dir))
     status = Loop(cfg, rd, plugins, echo=lambda s: None).execute()
     return SmokeRun(Path(run_dir), status, rd.records())
+
+
+def _optimizers(overrides: Sequence[str]) -> set[str]:
+    """The optimizer a run will use: QUICK's options are sft's, so they apply only to it."""
+    chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("optimize=")]
+    return set(chosen[-1:] or ["sft"])

@@ -63,12 +63,13 @@ def selfloop_ctx(selfloop_hydra, selfloop_offline, tmp_path):
 
 @pytest.fixture
 def selfloop_smoke_loop(selfloop_hydra, selfloop_offline, tmp_path):
-    """``selfloop_smoke_loop(overrides=(), plugins=None, rounds=1) -> SmokeRun``: run the
-    smoke loop (bootstrap + ``rounds`` rounds, about 10 s per round on 2 CPU cores) in a
-    temporary directory and return its status and round records."""
+    """``selfloop_smoke_loop(overrides=(), plugins=None, rounds=1, quick=True) -> SmokeRun``:
+    run the smoke loop (bootstrap + ``rounds`` rounds; ``quick`` trains a few dozen steps, so
+    about 10 s per round on 2 CPU cores) in a temporary directory; return its status and
+    round records."""
     counter = iter(range(1_000_000))
 
-    def run(overrides=(), plugins=None, rounds: int = 1):
-        return helpers.smoke_loop(tmp_path / f"smoke-{next(counter)}", overrides, plugins, rounds)
+    def run(overrides=(), plugins=None, rounds: int = 1, quick: bool = True):
+        return helpers.smoke_loop(tmp_path / f"smoke-{next(counter)}", overrides, plugins, rounds, quick)
 
     return run
