@@ -132,4 +132,4 @@ def test_the_writing_plugins_tutorial_works_as_written(env):
     # a typo in an option fails before anything runs, naming it
     bad = subprocess.run([env.bin / "selfloop", "run", "filter=[unique_prompts]", "filter.unique_prompts.kep=first"],
                          cwd=env.root, env=env.env, capture_output=True, text=True)
-    assert bad.returncode != 0 and "kep" in bad.stderr
+    assert bad.returncode != 0 and "Key 'kep' not in 'UniquePromptsConfig'" in bad.stderr
