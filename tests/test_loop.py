@@ -272,3 +272,22 @@ def test_an_observer_that_raises_stops_the_run_naming_its_plugin(tmp_path):
         loop.execute()
     assert "raised in selfloop_on_round_end by plugin 'guard' (not installed)" in info.value.__notes__
     assert rd.is_complete(1, "promote")  # the round it judged is safely on disk
+
+
+def test_what_a_strategy_records_lands_in_its_stage_metrics(tmp_path):
+    class Counting:
+        name = "counting"
+
+        def __init__(self, config):
+            pass
+
+        def filter(self, ctx, data):
+            ctx.record(self.name, seen=len(data), backend="exact")
+            return data.add_column("score_counting", [1.0] * len(data))
+
+    loop, rd = run_with(tmp_path, {"counting": one_strategy_plugin("counting", "selfloop_register_filters", Counting)}, ["filter=[uncertainty,counting]"])
+    assert loop.execute() == "completed"
+    metrics = rd.stage_metrics(1, "filter")
+    kept_by_uncertainty = metrics["filters"][0]["kept"]
+    assert metrics["notes"] == {"counting": {"seen": kept_by_uncertainty, "backend": "exact"}}
+    assert "notes" not in rd.stage_metrics(1, "optimize")  # notes belong to the stage that made them

@@ -80,6 +80,8 @@ class RunContext:
     rng: random.Random = field(default_factory=random.Random)
     budget: BudgetMeter = field(default_factory=BudgetMeter)
     log: logging.Logger = log
+    # what strategies recorded during the current stage (see record)
+    notes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def seed(self) -> int:
@@ -88,6 +90,12 @@ class RunContext:
     @property
     def eval_levels(self) -> list[int]:
         return list(self.run.loop.eval_levels or self.task.levels)
+
+    def record(self, strategy: str, **values: Any) -> None:
+        """Add JSON-serialisable values to this stage's ``metrics.json`` under
+        ``notes.<strategy>`` (e.g. which backend ran, how many programs timed out); observers
+        such as loggers see them in the stage's metrics."""
+        self.notes.setdefault(strategy, {}).update(values)
 
     def strategy(self, kind: str, name: str) -> Any:
         """Another configured strategy by name (e.g. an evaluator used as a filter criterion)."""

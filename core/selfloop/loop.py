@@ -153,7 +153,10 @@ class Loop:
         self.plugins.notify("selfloop_on_stage_start", ctx=ctx, stage=name)
         started, budget = time.monotonic(), ctx.budget
         generated, steps = ModelHandle.generated_sequences, budget.train_steps
+        ctx.notes = {}
         metrics, write = compute()
+        if ctx.notes:
+            metrics["notes"] = ctx.notes
         metrics = {
             "round": ctx.round,
             "stage": name,

@@ -112,6 +112,8 @@ def test_a_smoke_loop_runs_with_filter_and_evaluator(smoke_run):
     steps = {s["filter"]: s for s in filt["filters"]}
     assert list(steps) == ["uncertainty", "code_exec"]
     assert steps["code_exec"]["of"] == steps["uncertainty"]["kept"] and steps["code_exec"]["kept"] == filt["kept"]
+    notes = filt["notes"]["code_exec"]  # recorded by the filter into the stage's metrics.json
+    assert notes["programs"] == steps["code_exec"]["of"] and notes["passed"] == steps["code_exec"]["kept"]
     # Execution is ground truth for this task: every kept pseudo-label is right.
     assert filt["label_precision"] == (1.0 if filt["kept"] else None)
     kept = load(smoke_run.run_dir / "round-001" / "filter" / "data")

@@ -70,6 +70,9 @@ def test_in_a_smoke_loop(selfloop_smoke_loop, caplog):
     assert [uncertainty["filter"], dedup["filter"]] == ["uncertainty", "semantic_dedup"]
     assert dedup["of"] == uncertainty["kept"] == metrics["acquired"] == 200
     assert metrics["kept"] == dedup["kept"] <= 16
+    # what the filter recorded lands in the stage's metrics.json: the backend `auto` chose
+    assert metrics["notes"]["semantic_dedup"]["backend"] == "tfidf"
+    assert metrics["notes"]["semantic_dedup"]["kept"] == dedup["kept"]
 
     from selfloop.data import load
 

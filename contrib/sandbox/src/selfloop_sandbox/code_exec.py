@@ -36,6 +36,9 @@ def execute(ctx, config: SandboxConfig, prompts, answers, what: str) -> list[Res
         notes = ", ".join(f"{n} {reason}" for reason, n in killed.items())
         network = "private network namespace" if results[0].network_isolated else "no network namespace"
         ctx.log.info(f"{what}: {sum(r.ok for r in results)}/{len(results)} programs passed{f' ({notes})' if notes else ''}; {ms:.0f} ms each, {network}")
+        if hasattr(ctx, "record"):  # a run context: the counts go into the stage's metrics.json
+            ctx.record("code_exec", programs=len(results), passed=sum(r.ok for r in results), killed=killed,
+                       ms_per_program=round(ms, 1), network_isolated=results[0].network_isolated)
     return results
 
 

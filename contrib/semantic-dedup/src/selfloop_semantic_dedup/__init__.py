@@ -119,6 +119,8 @@ class SemanticDedup(Filter):
         kept = [i for i, k in enumerate(keep) if k]
         self.backend_used = backend
         self.stats = {"kept": len(kept), "of": len(texts), "backend": backend, "seconds": round(time.perf_counter() - started, 3)}
+        if hasattr(ctx, "record"):  # a run context: the stats go into the stage's metrics.json
+            ctx.record(self.name, **self.stats)
         log.info(
             f"semantic_dedup: kept {len(kept)}/{len(texts)} rows (backend {backend}{why}, "
             f"threshold {c.threshold}, {self.stats['seconds']:.1f}s)"
