@@ -70,6 +70,8 @@ class Plugins:
         """Call an observer hook on every plugin that implements it. An exception still
         stops the run (a guard may mean to), now noting the plugin that raised it."""
         for impl in getattr(self.manager.hook, hook_name).get_hookimpls():
+            if impl.hookwrapper or getattr(impl, "wrapper", False):
+                raise PluginError(f"{self.origin(impl.plugin_name)}: {hook_name} is a hook wrapper; observers must be plain @hookimpl functions")
             try:
                 impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
             except Exception as exc:
