@@ -12,6 +12,7 @@ from selfloop.errors import ContractError
 from selfloop.loop import Loop
 from selfloop.plugins import load_plugins
 from selfloop.rundir import RunDir
+from selfloop.testing import in_process_plugin
 
 FAST = [
     "loop.rounds=1",
@@ -205,12 +206,6 @@ def test_the_readme_plugin_example_works_in_a_loop(tmp_path):
     assert steps[1]["kept"] == steps[1]["of"] // 2
 
 
-def one_strategy_plugin(name: str, kind_hook: str, cls: type):
-    module = types.ModuleType(name)
-    setattr(module, kind_hook, hookimpl(lambda register: register(cls)))
-    return module
-
-
 def test_an_exception_in_a_strategy_names_its_plugin(tmp_path):
     class Exploding:
         name = "exploding"
@@ -221,7 +216,7 @@ def test_an_exception_in_a_strategy_names_its_plugin(tmp_path):
         def filter(self, ctx, data):
             raise ZeroDivisionError("oops")
 
-    loop, rd = run_with(tmp_path, {"exploding_pkg": one_strategy_plugin("exploding_pkg", "selfloop_register_filters", Exploding)}, ["filter=[exploding]"])
+    loop, rd = run_with(tmp_path, {"exploding_pkg": in_process_plugin(Exploding, name="exploding_pkg")}, ["filter=[exploding]"])
     with pytest.raises(ZeroDivisionError) as info:
         loop.execute()
     assert "raised by filter 'exploding' from plugin 'exploding_pkg'" in info.value.__notes__
@@ -238,7 +233,7 @@ def test_a_refiner_returning_the_wrong_type_is_named(tmp_path):
         def refine(self, ctx, prompts, generate):
             return generate(prompts)[:-1]  # drops the last prompt
 
-    loop, rd = run_with(tmp_path, {"lossy_pkg": one_strategy_plugin("lossy_pkg", "selfloop_register_refiners", Lossy)}, ["refine=[lossy]"])
+    loop, rd = run_with(tmp_path, {"lossy_pkg": in_process_plugin(Lossy, name="lossy_pkg")}, ["refine=[lossy]"])
     with pytest.raises(ContractError, match=r"refine 'lossy' from plugin 'lossy_pkg' returned a list of \d+; expected a list of \d+ Generation"):
         loop.execute()
 
@@ -253,7 +248,7 @@ def test_a_model_provider_returning_the_wrong_type_is_named(tmp_path):
         def build(self, ctx):
             return object()
 
-    loop, _ = run_with(tmp_path, {"raw_pkg": one_strategy_plugin("raw_pkg", "selfloop_register_models", Raw)}, ["model=raw"])
+    loop, _ = run_with(tmp_path, {"raw_pkg": in_process_plugin(Raw, name="raw_pkg")}, ["model=raw"])
     with pytest.raises(ContractError, match=r"model 'raw' from plugin 'raw_pkg' build\(\) returned object; expected a selfloop.model.ModelHandle"):
         loop.execute()
 
@@ -285,7 +280,7 @@ def test_what_a_strategy_records_lands_in_its_stage_metrics(tmp_path):
             ctx.record(self.name, seen=len(data), backend="exact")
             return data.add_column("score_counting", [1.0] * len(data))
 
-    loop, rd = run_with(tmp_path, {"counting": one_strategy_plugin("counting", "selfloop_register_filters", Counting)}, ["filter=[uncertainty,counting]"])
+    loop, rd = run_with(tmp_path, {"counting": in_process_plugin(Counting, name="counting")}, ["filter=[uncertainty,counting]"])
     assert loop.execute() == "completed"
     metrics = rd.stage_metrics(1, "filter")
     kept_by_uncertainty = metrics["filters"][0]["kept"]

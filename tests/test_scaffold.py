@@ -11,7 +11,6 @@ from selfloop.cli import main
 from selfloop.errors import SelfloopError
 from selfloop.registry import KINDS
 from selfloop.scaffold import STAGES, render
-from selfloop.testing import in_process_plugin
 from selfloop.plugins import load_plugins
 
 

@@ -168,23 +168,11 @@ def cmd_resume(path: str) -> int:
 
 
 def plugins_summary() -> dict:
-    from importlib.metadata import entry_points
-
     from selfloop.plugins import load_plugins
-    from selfloop.presets import GROUP, list_presets
+    from selfloop.presets import installed_presets
 
     plugins = load_plugins()
     provided = plugins.registry.by_plugin()
-    presets = [
-        {
-            "name": ep.name,
-            "package": ep.value,
-            "distribution": ep.dist.metadata["Name"] if ep.dist else None,
-            "version": ep.dist.version if ep.dist else None,
-            "presets": list_presets(ep.value),
-        }
-        for ep in sorted(entry_points(group=GROUP), key=lambda ep: ep.name)
-    ]
     return {
         "plugins": [
             {
@@ -198,7 +186,7 @@ def plugins_summary() -> dict:
             }
             for info in plugins.info.values()
         ],
-        "presets": presets,
+        "presets": installed_presets(),
         "problems": plugins.problems(),
     }
 

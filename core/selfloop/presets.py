@@ -18,6 +18,20 @@ def preset_packages() -> list[tuple[str, str]]:
     return sorted((ep.name, ep.value) for ep in entry_points(group=GROUP))
 
 
+def installed_presets() -> list[dict]:
+    """Each preset package with its distribution, version and presets (``selfloop plugins``)."""
+    return [
+        {
+            "name": ep.name,
+            "package": ep.value,
+            "distribution": ep.dist.metadata["Name"] if ep.dist else None,
+            "version": ep.dist.version if ep.dist else None,
+            "presets": list_presets(ep.value),
+        }
+        for ep in sorted(entry_points(group=GROUP), key=lambda ep: ep.name)
+    ]
+
+
 def list_presets(package: str) -> list[str]:
     """The ``group/option`` names a preset package provides (``[]`` if it cannot be read)."""
     try:
