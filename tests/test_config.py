@@ -1,10 +1,8 @@
 import pytest
-from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
-from omegaconf.errors import ValidationError
 
 from selfloop.config import compose, instantiate, selected, strategy_config, validate_run_config
-from selfloop.errors import SelfloopError, UnknownStrategyError
+from selfloop.errors import OptionError, SelfloopError, UnknownStrategyError
 from selfloop.loop import Loop
 from selfloop.rundir import RunDir
 
@@ -23,29 +21,94 @@ def test_strategy_options_are_typed_hydra_options(plugins):
     assert flt.config.min_agreement == 0.8
 
 
-def test_wrong_type_in_override_names_the_key(plugins):
-    with pytest.raises((ConfigCompositionException, ValidationError)) as err:
-        compose(["filter.uncertainty.min_agreement=abc"], plugins.registry)
-    assert "min_agreement" in str(err.value) or "min_agreement" in str(err.value.__cause__)
+def one_line_error(plugins, overrides: list[str]) -> str:
+    """The message `selfloop run OVERRIDES` would print: composition and validation errors."""
+    from selfloop.loop import prepare
+
+    with pytest.raises(SelfloopError) as err:
+        prepare(compose(overrides, plugins.registry), plugins.registry, RunDir("never-written"))
+    message = str(err.value)
+    assert "\n" not in message
+    return message
 
 
-@pytest.mark.parametrize("override", ["filter=[uncertainty,nope]", "filter=nope", "task=nope"])
-def test_unknown_strategy_lists_installed_ones(plugins, override):
-    kind = override.split("=")[0]
-    with pytest.raises(UnknownStrategyError, match=rf"unknown {kind} 'nope'.*installed: .*(uncertainty|reversal)"):
-        compose([override], plugins.registry)
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("filter.uncertainty.min_agreement=abc", "bad option filter.uncertainty.min_agreement='abc': Value 'abc' of type 'str' could not be converted to Float"),
+        ("loop.rounds=many", "bad option loop.rounds='many'"),
+        ("loop.curriculum.advance=sometimes", "bad option loop.curriculum.advance='sometimes': Invalid value 'sometimes', expected one of [paced, always]"),
+        ("loop=nope", "unknown loop 'nope'; available: default, smoke"),
+    ],
+)
+def test_wrong_types_and_unknown_presets_fail_in_one_line(plugins, override, expected):
+    assert expected in one_line_error(plugins, [override])
 
 
-def test_hydra_itself_lists_options_for_unregistered_groups(plugins):
-    with pytest.raises(ConfigCompositionException, match="Available options in 'loop'"):
-        compose(["loop=nope"], plugins.registry)
+@pytest.mark.parametrize("plus", ["", "+"])
+def test_a_misspelt_option_fails_whatever_the_plus_prefix(plugins, plus):
+    # `+filter.uncertainty.min_agreemnt=0.3` used to be accepted: the run used the default
+    message = one_line_error(plugins, [f"{plus}filter.uncertainty.min_agreemnt=0.3"])
+    assert message == (
+        "unknown option filter.uncertainty.min_agreemnt; valid options of filter.uncertainty: min_agreement, "
+        "require_well_formed (did you mean filter.uncertainty.min_agreement?)"
+    )
+    assert "did you mean loop.rounds?" in one_line_error(plugins, [f"{plus}loop.roundz=3"])
 
 
-def test_loop_options_are_typed(plugins):
-    with pytest.raises((ConfigCompositionException, ValidationError)):
-        compose(["loop.rounds=many"], plugins.registry)
-    with pytest.raises((ConfigCompositionException, ValidationError)):
-        compose(["loop.curriculum.advance=sometimes"], plugins.registry)
+def test_an_option_of_an_unselected_strategy_fails_naming_the_selection(plugins):
+    message = one_line_error(plugins, ["filter=[uncertainty]", "+filter.roundtrip.batch_size=10"])
+    assert message.startswith("'roundtrip' is not in filter=[uncertainty], so '+filter.roundtrip.batch_size=10' would be ignored; selected: uncertainty")
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("filter.uncertainty.min_agreement=1.5", "bad option filter.uncertainty.min_agreement=1.5: accepted: a number in [0, 1]"),
+        ("loop.rounds=-1", "bad option loop.rounds=-1: accepted: an integer >= 0"),
+        ("optimize.sft.learning_rate=0", "bad option optimize.sft.learning_rate=0.0: accepted: a number > 0"),
+        ("loop.bootstrap.optimize.sft.batch_size=0", "bad option optimize.sft.batch_size=0: accepted: an integer >= 1"),
+        ("refine.self_consistency.temperature=0", "bad option refine.self_consistency.temperature=0.0: accepted: a number > 0"),
+        ("device=tpu", "bad option device='tpu': accepted: auto, cpu, cuda, cuda:N or mps"),
+        ("task=addition", "filter 'roundtrip' cannot check task 'addition'"),
+    ],
+)
+def test_out_of_range_values_fail_at_composition_naming_option_value_and_what_is_accepted(plugins, override, expected):
+    assert expected in one_line_error(plugins, [override])
+
+
+def test_a_strategy_can_refuse_a_run_it_cannot_serve_in_setup(plugins):
+    from selfloop.testing import plugins_with
+
+    class NeedsLevels:
+        name = "needs_levels"
+
+        def __init__(self, config=None):
+            pass
+
+        def setup(self, ctx):
+            if len(ctx.task.levels) < 100:
+                raise OptionError("min_levels", len(ctx.task.levels), "a task with 100 levels")
+
+        def filter(self, ctx, data):
+            return data
+
+    extended = plugins_with(NeedsLevels)
+    message = one_line_error(extended, ["filter=[needs_levels]"])
+    assert message == "bad option filter.needs_levels.min_levels=48: accepted: a task with 100 levels"
+
+
+def test_task_levels_drive_the_loop_levels_and_foreign_levels_are_clipped_with_a_warning(plugins):
+    from selfloop.loop import prepare
+
+    ctx = prepare(compose(["task=addition", "filter=[uncertainty]"], plugins.registry), plugins.registry, RunDir("x"))
+    assert ctx.run.loop.bootstrap.levels == [1, 2] and ctx.run.loop.curriculum.start_level == 3
+    ctx.level = 3
+    assert ctx.eval_levels == [1, 2, 3, 4, 5, 6, 7]  # auto: up to the curriculum level + 4
+    ctx = prepare(compose(["task=addition", "filter=[uncertainty]", "loop.eval_levels=[1,9,11,12]"], plugins.registry), plugins.registry, RunDir("x"))
+    assert ctx.eval_levels == [1, 9]  # addition has 10 levels: evaluation never asks for 11 or 12
+    assert ctx.setup_warnings == ["loop.eval_levels: task 'addition' has no level(s) [11, 12] (its levels: 1..10); using [1, 9]"]
+    assert "levels of task 'addition' (1..10)" in one_line_error(plugins, ["task=addition", "filter=[uncertainty]", "loop.eval_levels=[11]"])
 
 
 def test_reloaded_config_is_validated_again(plugins, tmp_path):
@@ -55,7 +118,7 @@ def test_reloaded_config_is_validated_again(plugins, tmp_path):
         validate_run_config(cfg)
     cfg = OmegaConf.create(OmegaConf.to_yaml(compose([], plugins.registry)))
     cfg.filter.uncertainty.min_agreement = "high"
-    with pytest.raises(SelfloopError, match=r"filter 'uncertainty'.*min_agreement"):
+    with pytest.raises(SelfloopError, match=r"filter.uncertainty.min_agreement='high'"):
         instantiate(plugins.registry, cfg, "filter")
 
 

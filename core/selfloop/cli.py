@@ -1,7 +1,8 @@
 """The ``selfloop`` command.
 
     selfloop run [HYDRA OVERRIDES...]     compose a run with Hydra and execute it
-    selfloop resume RUN_DIR               continue a stopped run from its first incomplete stage
+    selfloop resume RUN_DIR [--redo round-NNN/STAGE]
+                                          continue a stopped run from its first incomplete stage
     selfloop plugins [--json]             installed plugins and what each provides (fast: no torch)
     selfloop report RUN_DIR               rebuild report.md and curves.png from metrics.jsonl
     selfloop new-plugin NAME --stage STAGE [--dir DIR]
@@ -11,14 +12,14 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
-from selfloop.errors import RunDirError, SelfloopError
+from selfloop.errors import RunDirError, RunInterrupted, SelfloopError
 
 COMMANDS = ("run", "resume", "plugins", "report", "new-plugin")
 log = logging.getLogger("selfloop")
@@ -29,21 +30,8 @@ def _fail(message: str) -> int:
     return 2
 
 
-@contextlib.contextmanager
-def _run_lock(run_dir: Path):
-    """One process per run directory: a second `resume` of a live run is refused."""
-    import fcntl
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "run.lock", "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunDirError(f"{run_dir} is in use by another selfloop process") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+# the run directory of the run in progress, for the one-line resume hint on Ctrl-C / SIGTERM
+_ACTIVE: dict[str, Path] = {}
 
 
 def build_loop(cfg, run_dir: Path, plugins):
@@ -59,29 +47,31 @@ def discard_if_unused(run_dir: Path) -> None:
     import shutil
 
     entries = list(run_dir.iterdir()) if run_dir.is_dir() else []
-    if all(e.name == "selfloop.log" and e.is_file() and e.stat().st_size == 0 for e in entries):
+    if all(e.name in ("selfloop.log", "run.lock") and e.is_file() and e.stat().st_size == 0 for e in entries):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def execute(loop) -> str:
-    """Run the loop in its run directory under a lock, then write and print the report."""
-    import datasets
+    """Run the loop (the caller holds the run directory's lock), then print the report."""
+    from selfloop.report import print_table
+    from selfloop.rundir import read_metrics_jsonl
 
-    from selfloop.report import print_table, render
-
-    datasets.disable_progress_bars()  # stage saves are quick; keep the log readable
     rd = loop.run_dir
-    run_dir = rd.root
-    records = None
-    with _run_lock(run_dir):
-        try:
-            status = loop.execute()
-        finally:  # a failed run still gets the report of its finished rounds
-            if rd.metrics_jsonl.exists():
-                records = render(run_dir)
-    if records:
-        print_table(records)
-    print(f"run {status}: {run_dir} (report.md, curves.png, metrics.jsonl)")
+    _ACTIVE["run_dir"] = rd.root
+    try:
+        status = loop.execute()
+    finally:
+        _ACTIVE.pop("run_dir", None)
+    if rd.metrics_jsonl.exists():
+        print_table(read_metrics_jsonl(rd.metrics_jsonl))
+        print(f"run {status}: {rd.root} (report.md, curves.png, metrics.jsonl)")
+    else:
+        print(f"run {status}: {rd.root} (no round finished, so no report)")
+    info = rd.read_run_json()
+    if info.get("stop_reason"):
+        print(f"reason: {info['stop_reason']}")
+    if status not in ("completed", "failed"):
+        print(f"continue it with: selfloop resume {rd.root}")
     return status
 
 
@@ -91,20 +81,21 @@ def cmd_run(overrides: list[str]) -> int:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from selfloop.config import CONFIG_MODULE, PRIMARY, check_override_names, prune_unselected, register_configs
+    from selfloop.config import CONFIG_MODULE, PRIMARY, check_override_names, compose, prune_unselected, register_configs
+    from selfloop.loop import prepare
     from selfloop.plugins import load_plugins
-    from selfloop.rundir import atomic_write_text
+    from selfloop.rundir import RunDir, atomic_write_text
 
     plugins = load_plugins()
     args = get_args_parser().parse_known_args(overrides)[0]
     check_override_names(args.overrides, plugins.registry)
-    if args.cfg == "job" and not args.multirun:
-        # a dry run: the config the run would save (Hydra's own --cfg prints it unpruned)
-        from selfloop.config import compose
-
+    if not args.multirun:
+        # everything is validated here, in under a second and before Hydra creates a directory
         cfg = compose(args.overrides, plugins.registry)
-        print(OmegaConf.to_yaml(cfg, resolve=bool(args.resolve)), end="")
-        return 0
+        prepare(cfg, plugins.registry, RunDir("(not created)"))
+        if args.cfg == "job":  # a dry run: the config the run would save
+            print(OmegaConf.to_yaml(cfg, resolve=bool(args.resolve)), end="")
+            return 0
     register_configs(plugins.registry)
     outcome = {"code": 0}
 
@@ -112,58 +103,67 @@ def cmd_run(overrides: list[str]) -> int:
     def task(cfg) -> None:
         hydra_cfg = HydraConfig.get()
         run_dir = Path(hydra_cfg.runtime.output_dir)
-        if (run_dir / "run.json").exists():
-            outcome["code"] = _fail(f"{run_dir} already holds a run; continue it with `selfloop resume {run_dir}` or choose another hydra.run.dir")
-            return
+        rd = RunDir(run_dir)
+        multirun = hydra_cfg.mode.name == "MULTIRUN"
         prune_unselected(cfg)
-        try:  # bad options fail here, before anything is written
+        try:  # bad options of a sweep's job fail here, before anything is written
             loop = build_loop(cfg, run_dir, plugins)
         except SelfloopError as exc:
             discard_if_unused(run_dir)
             outcome["code"] = _fail(str(exc))
-            if hydra_cfg.mode.name == "MULTIRUN":
+            if multirun:
                 raise
             return
-        # We save the composed config ourselves (hydra.output_subdir is null) so that a
-        # run directory that already holds a run is never overwritten.
-        meta = run_dir / ".hydra"
-        atomic_write_text(meta / "config.yaml", OmegaConf.to_yaml(cfg))
-        atomic_write_text(meta / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(hydra_cfg.overrides.task))))
-        atomic_write_text(meta / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": OmegaConf.to_container(hydra_cfg)})))
+        config_yaml = OmegaConf.to_yaml(cfg)
         try:
-            execute(loop)
+            with rd.lock():  # before anything is written: a second run into this directory stops here
+                if rd.holds_a_run():
+                    raise RunDirError(f"{run_dir} already holds a run; continue it with `selfloop resume {run_dir}` or choose another hydra.run.dir")
+                import hashlib
+
+                rd.write_run_json(status="starting", config_sha256=hashlib.sha256(config_yaml.encode()).hexdigest())
+                # selfloop saves the composed config itself (hydra.output_subdir is null), after the checks above
+                meta = run_dir / ".hydra"
+                atomic_write_text(meta / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(hydra_cfg.overrides.task))))
+                atomic_write_text(meta / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": OmegaConf.to_container(hydra_cfg)})))
+                atomic_write_text(meta / "config.yaml", config_yaml)
+                execute(loop)
         except SelfloopError as exc:
             outcome["code"] = _fail(f"{exc} (run directory: {run_dir})")
-            if hydra_cfg.mode.name == "MULTIRUN":
+            if multirun:
                 raise
 
     sys.argv = ["selfloop run", *overrides]
-    try:
-        task()
-    except SelfloopError as exc:
-        return _fail(str(exc))
+    task()
     return outcome["code"]
 
 
-def cmd_resume(path: str) -> int:
+def cmd_resume(path: str, redo: str | None = None) -> int:
     from omegaconf import OmegaConf
 
     from selfloop.plugins import load_plugins
-    from selfloop.rundir import RunDir
+    from selfloop.rundir import RunDir, parse_stage
 
     run_dir = Path(path)
-    RunDir(run_dir).validate_for_resume()
-    # Hydra configures logging for `run`; do the same here: terminal plus the run's log file.
-    formatter = logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S")
-    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "selfloop.log")):
-        handler.setFormatter(formatter)
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    rd = RunDir(run_dir)
+    rd.validate_for_resume()
     try:
-        cfg = OmegaConf.load(RunDir(run_dir).config_path)
+        cfg = OmegaConf.load(rd.config_path)
     except Exception as exc:
-        raise RunDirError(f"{run_dir}/.hydra/config.yaml is corrupt: {exc}") from None
-    execute(build_loop(cfg, run_dir, load_plugins()))
+        raise RunDirError(f"{rd.config_path} is corrupt: {exc}") from None
+    loop = build_loop(cfg, run_dir, load_plugins())  # validated before anything is touched
+    with rd.lock():
+        # Hydra configures logging for `run`; do the same here: terminal plus the run's log file.
+        formatter = logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S")
+        for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "selfloop.log")):
+            handler.setFormatter(formatter)
+            log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        if redo:
+            round_, stage = parse_stage(redo)
+            removed = rd.redo(round_, stage)
+            log.info("redo: removed %s; resume recomputes them", ", ".join(removed))
+        execute(loop)
     return 0
 
 
@@ -244,13 +244,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if command == "run":
             return cmd_run(rest)
         parser = argparse.ArgumentParser(prog=f"selfloop {command}")
         if command == "resume":
             parser.add_argument("run_dir")
-            return cmd_resume(parser.parse_args(rest).run_dir)
+            parser.add_argument("--redo", metavar="round-NNN/STAGE", help="recompute this completed stage and everything after it (e.g. after a damaged file)")
+            args = parser.parse_args(rest)
+            return cmd_resume(args.run_dir, args.redo)
         if command == "plugins":
             parser.add_argument("--json", action="store_true", help="machine-readable output")
             return cmd_plugins(parser.parse_args(rest).json)
@@ -267,7 +270,19 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_new_plugin(args.name, args.stage, args.dir)
     except SelfloopError as exc:
         return _fail(str(exc))
+    except (KeyboardInterrupt, RunInterrupted) as exc:
+        name = getattr(exc, "signal_name", "Ctrl-C")
+        where = _ACTIVE.get("run_dir")
+        hint = f"; nothing finished is lost: continue with `selfloop resume {where}`" if where else ""
+        print(f"\nselfloop: interrupted ({name}){hint}", file=sys.stderr)
+        return 143 if name == "SIGTERM" else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return _fail(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise RunInterrupted("SIGTERM")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """The data contract between stages: a ``datasets.Dataset`` with fixed columns.
 
-Columns: ``id, prompt, completions, answer, reference, difficulty, round, source`` plus one
-``score_<name>`` column per filter that ran. ``reference`` is ground truth; the loop
-removes it before data reaches filters and optimizers (the label-free guarantee).
+Required columns: ``id, prompt, completions, answer, reference, difficulty, round, source``;
+optional (the core adds them with defaults when missing): ``temperature`` and
+``completion_logprobs`` (sampling metadata); plus one ``score_<name>`` column per filter
+that ran. ``reference`` is ground truth; the loop removes it before data reaches filters
+and optimizers (the label-free guarantee).
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ from selfloop.errors import ContractError
 if TYPE_CHECKING:
     from datasets import Dataset, Features
 
-COLUMNS = ("id", "prompt", "completions", "answer", "reference", "difficulty", "round", "source")
+REQUIRED = ("id", "prompt", "completions", "answer", "reference", "difficulty", "round", "source")
+# Sampling metadata (added in 0.2): the temperature the completions were sampled at (None:
+# not sampled, e.g. bootstrap labels) and each completion's mean token log-probability under
+# the model that wrote it (empty when unknown).
+OPTIONAL = ("temperature", "completion_logprobs")
+COLUMNS = REQUIRED + OPTIONAL
 EMPTY = "empty-dataset.json"
 # What a filter or optimizer sees: everything but the references.
 BLIND_COLUMNS = tuple(c for c in COLUMNS if c != "reference")
@@ -35,6 +42,8 @@ def features() -> Features:
             "difficulty": Value("int32"),
             "round": Value("int32"),
             "source": Value("string"),
+            "temperature": Value("float32"),
+            "completion_logprobs": Sequence(Value("float32")),
         }
     )
 
@@ -59,10 +68,25 @@ def make_rows(rows: Iterable[dict[str, Any]]) -> Dataset:
         columns["difficulty"].append(int(row.get("difficulty", 0)))
         columns["round"].append(int(row.get("round", 0)))
         columns["source"].append(str(row.get("source", "")))
+        columns["temperature"].append(row.get("temperature"))
+        columns["completion_logprobs"].append(list(row.get("completion_logprobs") or []))
     return Dataset.from_dict(columns, features=features())
 
 
-def check_dataset(data: Any, culprit: str, required: Iterable[str] = COLUMNS) -> Dataset:
+def conform(data: Dataset) -> Dataset:
+    """Add the optional contract columns a Dataset lacks (data written before 0.2, or by a
+    plugin that builds its Dataset by hand), with their defaults and types."""
+    missing = [c for c in OPTIONAL if c not in data.column_names]
+    if not missing:
+        return data
+    feats = features()
+    for column in missing:
+        default = None if column == "temperature" else []
+        data = data.add_column(column, [default] * len(data), feature=feats[column])
+    return data
+
+
+def check_dataset(data: Any, culprit: str, required: Iterable[str] = REQUIRED) -> Dataset:
     """Raise ContractError naming ``culprit`` unless ``data`` is a Dataset with the columns."""
     from datasets import Dataset
 
@@ -79,7 +103,7 @@ def check_dataset(data: Any, culprit: str, required: Iterable[str] = COLUMNS) ->
 
 def check_filtered(before: Dataset, after: Any, culprit: str, score_column: str) -> Dataset:
     """A filter may only drop rows, and must add its score column."""
-    after = check_dataset(after, culprit, BLIND_COLUMNS)
+    after = check_dataset(after, culprit, [c for c in BLIND_COLUMNS if c in REQUIRED])
     if score_column not in after.column_names:
         raise ContractError(f"{culprit} did not add its score column {score_column!r}")
     extra = set(after["id"]) - set(before["id"])
@@ -120,7 +144,7 @@ def load(path: Path) -> Dataset:
 def concat(parts: list[Dataset]) -> Dataset:
     from datasets import concatenate_datasets
 
-    parts = [p for p in parts if p is not None]
+    parts = [conform(p) for p in parts if p is not None]
     if not parts:
         return make_rows([])
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)

@@ -87,7 +87,15 @@ def selfloop_register_evaluators(register):
 
 # --------------------------------------------------------------------------------------
 # Observer hooks: broadcast to every plugin; return values are ignored. Use them for
-# loggers, drift monitors and budget guards. An exception raised here fails the run.
+# loggers, drift monitors and budget guards. An exception raised here fails the run;
+# ``ctx.request_stop(reason)`` stops it cleanly after the current stage instead.
+#
+# Delivery survives a kill: every completed stage's ``selfloop_on_stage_end`` and every
+# finished round's ``selfloop_on_round_end`` is delivered at least once. The loop records
+# each delivery after the hook returns; events a kill cut off are delivered again when the
+# run resumes, with ``replayed=True``, before any new stage runs. An observer that keys what
+# it writes by (round, stage) is exactly right; an append-only one sees a duplicate only if
+# the kill fell inside its own hook call.
 # --------------------------------------------------------------------------------------
 
 
@@ -117,28 +125,33 @@ def selfloop_on_stage_start(ctx, stage):
 
 
 @hookspec
-def selfloop_on_stage_end(ctx, stage, metrics):
+def selfloop_on_stage_end(ctx, stage, metrics, replayed):
     """Called after a stage's outputs and completion marker are on disk.
 
-    :param ctx: the run context.
+    :param ctx: the run context (``ctx.round`` is the stage's round).
     :param stage: the stage name.
     :param metrics: the dict saved as the stage's ``metrics.json``.
+    :param replayed: ``True`` when the event is delivered again on resume because a kill
+        cut off its first delivery (added in 0.2; accept it to tell the two apart).
     """
 
 
 @hookspec
-def selfloop_on_round_end(ctx, record):
-    """Called after a round is promoted or rejected.
+def selfloop_on_round_end(ctx, record, replayed):
+    """Called after a round is promoted, rejected or recorded as starved.
 
     :param ctx: the run context.
-    :param record: the round's line in ``metrics.jsonl``.
+    :param record: the round's line in ``metrics.jsonl`` (keys in docs/hooks.md).
+    :param replayed: ``True`` when delivered again on resume (see above).
     """
 
 
 @hookspec
 def selfloop_on_run_end(ctx, status):
-    """Called once when the run stops.
+    """Called once when the run stops, however it stops.
 
     :param ctx: the run context.
-    :param status: ``"completed"``, ``"failed"`` or ``"budget_exhausted"``.
+    :param status: ``"completed"``, ``"failed"``, ``"interrupted"`` (Ctrl-C, SIGTERM),
+        ``"budget_exhausted"``, ``"starved"`` (``loop.max_starved_rounds`` starved rounds in a
+        row) or ``"stopped"`` (a guard called ``ctx.request_stop``).
     """

@@ -24,13 +24,27 @@ class EmptyConfig:
 
 
 class Strategy:
-    """Common base: a named, configurable implementation of one stage."""
+    """Common base: a named, configurable implementation of one stage.
+
+    Two validation points, both run when a run is composed, before anything is written:
+
+    - the ``Config`` dataclass's ``__post_init__`` checks option values on their own and
+      raises :class:`selfloop.errors.OptionError` (``OptionError("min_agreement", value,
+      "a number in [0, 1]")``; the core adds the ``<kind>.<name>.`` prefix);
+    - ``setup(ctx)`` checks the strategy against the run (its task, the other strategies,
+      loop options) and may keep what it needs from ``ctx``. Raise ``OptionError`` or
+      :class:`selfloop.errors.SelfloopError` when the strategy cannot do its job in this run;
+      call ``ctx.warn(name, message)`` when it can do only part of it.
+    """
 
     name: ClassVar[str]
     Config: ClassVar[type] = EmptyConfig
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()
+
+    def setup(self, ctx: RunContext) -> None:
+        """Called once per process when the run is built (``ctx.model`` is not yet set)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,11 @@ class Generation:
 
     ``answer`` is the chosen pseudo-label; ``agreement`` the share of ``completions`` that
     agree with it (``None`` when a single greedy completion gives no such signal).
+    ``extra`` carries what refiners add; the model's own generation sets
+    ``extra["sampling"] = {"temperature": t, "n": n, "logprobs": [...]}`` (the mean token
+    log-probability of each completion under the model, EOS included), which acquirers keep
+    per row (columns ``temperature`` and ``completion_logprobs``). A refiner that replaces
+    ``completions`` should replace or drop ``extra["sampling"]`` to keep them aligned.
     """
 
     prompt: str
@@ -71,6 +90,13 @@ class Task(Strategy):
     def levels(self) -> list[int]:
         """Difficulty levels, easiest first."""
         raise NotImplementedError
+
+    @property
+    def bootstrap_levels(self) -> list[int]:
+        """The levels round 0 labels when ``loop.bootstrap.levels`` is null (default: the
+        easier half); the curriculum then starts at the next level."""
+        levels = list(self.levels)
+        return levels[: max(1, len(levels) // 2)]
 
     def sample(self, rng: random.Random, level: int, n: int) -> list[Problem]:
         """Draw ``n`` problems of one difficulty level."""

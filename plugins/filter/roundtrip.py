@@ -4,8 +4,8 @@ the task's inverse question about its own answer, gives back the original input.
 For string reversal the inverse of ``"123=" -> "321"`` is ``"321=" -> "123"``: a wrong
 answer survives only if the model makes the mirror-image mistake on the way back, so errors
 that voting lets through (the same wrong answer every time) are caught. Needs no labels;
-tasks opt in by implementing ``inverse(prompt, answer)``. Rows of tasks without an inverse
-are kept and scored ``nan``.
+tasks opt in by implementing ``inverse(prompt, answer)``; on a task without one the run
+refuses to start (the filter could not check anything).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from selfloop import hookimpl
+from selfloop.errors import OptionError, SelfloopError
 from selfloop.strategy import Filter
 
 
@@ -20,14 +21,25 @@ from selfloop.strategy import Filter
 class RoundtripConfig:
     batch_size: int = 1000
 
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise OptionError("batch_size", self.batch_size, "an integer >= 1")
+
 
 class Roundtrip(Filter):
     name = "roundtrip"
     Config = RoundtripConfig
 
+    def setup(self, ctx):
+        if not callable(getattr(ctx.task, "inverse", None)):
+            raise SelfloopError(
+                f"filter 'roundtrip' cannot check task {ctx.task.name!r}: the task has no inverse(prompt, answer); "
+                f"leave it out (e.g. filter=[uncertainty]) or use a task with an inverse"
+            )
+
     def filter(self, ctx, data):
-        inverse = getattr(ctx.task, "inverse", None)
-        questions = [inverse(p, a) if inverse else None for p, a in zip(data["prompt"], data["answer"])]
+        inverse = ctx.task.inverse
+        questions = [inverse(p, a) for p, a in zip(data["prompt"], data["answer"])]
         asked = [i for i, q in enumerate(questions) if q is not None]
         scores = [float("nan")] * len(data)
         for start in range(0, len(asked), self.config.batch_size):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from selfloop import hookimpl
+from selfloop.errors import OptionError
 from selfloop.strategy import Filter
 
 
@@ -17,6 +18,10 @@ from selfloop.strategy import Filter
 class UncertaintyConfig:
     min_agreement: float = 1.0
     require_well_formed: bool = True
+
+    def __post_init__(self):
+        if not 0.0 <= self.min_agreement <= 1.0:
+            raise OptionError("min_agreement", self.min_agreement, "a number in [0, 1]")
 
 
 def agreement(task, completions: list[str], answer: str) -> float:
@@ -31,8 +36,6 @@ class Uncertainty(Filter):
 
     def filter(self, ctx, data):
         c = self.config
-        if not 0.0 <= c.min_agreement <= 1.0:
-            raise ValueError(f"filter.uncertainty.min_agreement must be in [0, 1], got {c.min_agreement}")
         task = ctx.task
         scores = [agreement(task, comps, ans) for comps, ans in zip(data["completions"], data["answer"])]
         data = data.add_column(f"score_{self.name}", scores)

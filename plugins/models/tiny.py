@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from selfloop import hookimpl
+from selfloop.errors import SelfloopError
 from selfloop.strategy import ModelProvider
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -23,6 +24,17 @@ class TinyConfig:
     n_positions: int = 128
     positional: str = "none"  # none (NoPE) | learned
     activation: str = "gelu"
+
+    def __post_init__(self):
+        from selfloop.errors import OptionError
+
+        if self.positional not in ("none", "learned"):
+            raise OptionError("positional", self.positional, "none (NoPE) or learned")
+        if self.n_embd % self.n_head:
+            raise OptionError("n_embd", self.n_embd, f"a multiple of n_head={self.n_head}")
+        for option in ("n_layer", "n_embd", "n_head", "n_positions"):
+            if getattr(self, option) < 1:
+                raise OptionError(option, getattr(self, option), "an integer >= 1")
 
 
 def char_tokenizer(alphabet: str):
@@ -43,6 +55,10 @@ class Tiny(ModelProvider):
     name = "tiny"
     Config = TinyConfig
 
+    def setup(self, ctx):
+        if not ctx.task.alphabet:
+            raise SelfloopError(f"model 'tiny' builds a character tokenizer from the task's alphabet, and task {ctx.task.name!r} declares none; use model=pretrained")
+
     def build(self, ctx):
         import torch
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -50,11 +66,7 @@ class Tiny(ModelProvider):
         from selfloop.model import FROZEN_KEY, ModelHandle
 
         c = self.config
-        if c.positional not in ("none", "learned"):
-            raise ValueError(f"model.tiny.positional must be 'none' or 'learned', got {c.positional!r}")
         alphabet = ctx.task.alphabet
-        if not alphabet:
-            raise ValueError(f"task {ctx.task.name!r} declares no alphabet; the tiny model needs one (or use model=pretrained)")
         tokenizer = char_tokenizer(alphabet)
         config = GPT2Config(
             vocab_size=len(tokenizer),

@@ -11,7 +11,6 @@ preprocessing than its unique rows.
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from dataclasses import dataclass
 
 from selfloop import hookimpl
@@ -33,6 +32,23 @@ class SFTConfig:
     # which the default acquirer relabels each round instead (see task_sampler)
     replay_bootstrap_share: float = 1.0
 
+    def __post_init__(self):
+        from selfloop.errors import OptionError
+
+        for option, value, ok, accepted in (
+            ("max_steps", self.max_steps, self.max_steps >= 1, "an integer >= 1"),
+            ("batch_size", self.batch_size, self.batch_size >= 1, "an integer >= 1"),
+            ("learning_rate", self.learning_rate, self.learning_rate > 0, "a number > 0"),
+            ("warmup_ratio", self.warmup_ratio, 0 <= self.warmup_ratio <= 1, "a number in [0, 1]"),
+            ("replay_fraction", self.replay_fraction, 0 <= self.replay_fraction <= 1, "a number in [0, 1]"),
+            ("replay_bootstrap_share", self.replay_bootstrap_share, 0 <= self.replay_bootstrap_share <= 1, "a number in [0, 1]"),
+            ("lr_scheduler", self.lr_scheduler, self.lr_scheduler in LR_SCHEDULERS, ", ".join(LR_SCHEDULERS)),
+        ):
+            if not ok:
+                raise OptionError(option, value, accepted)
+
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
 
 def tokenize_rows(tokenizer, prompts: list[str], answers: list[str]) -> tuple[list[list[int]], list[list[int]]]:
     """input_ids = prompt + answer + EOS; labels mask the prompt with -100."""
@@ -42,18 +58,6 @@ def tokenize_rows(tokenizer, prompts: list[str], answers: list[str]) -> tuple[li
     ids = [p + a + [eos] for p, a in zip(p_ids, a_ids)]
     labels = [[-100] * len(p) + a + [eos] for p, a in zip(p_ids, a_ids)]
     return ids, labels
-
-
-def quiet_progress(trainer) -> None:
-    """Keep the Trainer's progress bar but not the metrics dict it prints through it."""
-    from transformers.trainer_callback import ProgressCallback
-
-    class QuietProgress(ProgressCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            pass
-
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(QuietProgress)
 
 
 class SFT(Optimizer):
@@ -78,12 +82,14 @@ class SFT(Optimizer):
         from trl import SFTConfig as TRLConfig
         from trl import SFTTrainer
 
+        from selfloop.errors import StarvedRound
+        from selfloop.training import train
+
         c = self.config
         candidate = ctx.model.clone()
         pools = self.mixture(ctx, data)
-        if not pools or c.max_steps <= 0:
-            ctx.log.warning("sft: nothing to train on; the candidate equals the incumbent")
-            return candidate
+        if not pools:
+            raise StarvedRound("no rows to train on (none kept this round and no earlier rounds to replay)")
         tok = candidate.tokenizer
         ids, labels, offsets = [], [], []
         for _, ds in pools:
@@ -96,40 +102,40 @@ class SFT(Optimizer):
         for (share, ds), off in zip(pools, offsets):
             order += [off + ctx.rng.randrange(len(ds)) for _ in range(round(total * share))]
         ctx.rng.shuffle(order)
-        train = Dataset.from_dict({"input_ids": ids, "labels": labels}).select(order)
+        rows = Dataset.from_dict({"input_ids": ids, "labels": labels}).select(order)
+        lengths = [len(ids[i]) for i in order]
+
+        def tokens_at(step: int) -> int:
+            return sum(lengths[(step - 1) * c.batch_size : step * c.batch_size])
 
         on_cpu = candidate.device.type == "cpu"
         fields = {f.name for f in dataclasses.fields(TRLConfig)}
         no_checkpointing = {"activation_checkpointing": False} if "activation_checkpointing" in fields else {"gradient_checkpointing": False}
-        with tempfile.TemporaryDirectory(prefix="selfloop-sft-") as out:
-            args = TRLConfig(
-                output_dir=out,
-                max_steps=c.max_steps,
-                per_device_train_batch_size=c.batch_size,
-                learning_rate=c.learning_rate,
-                lr_scheduler_type=c.lr_scheduler,
-                warmup_steps=int(c.warmup_ratio * c.max_steps),
-                weight_decay=c.weight_decay,
-                max_grad_norm=c.max_grad_norm,
-                logging_strategy="no",  # the progress bar shows steps; the final loss is recorded
-                save_strategy="no",
-                report_to=[],
-                seed=ctx.rng.randrange(2**31),
-                use_cpu=on_cpu,
-                bf16=False,
-                fp16=False,
-                dataset_kwargs={"skip_prepare_dataset": True},
-                shuffle_dataset=False,
-                dataloader_num_workers=0,
-                **no_checkpointing,
-            )
-            candidate.model.train()
-            trainer = SFTTrainer(model=candidate.model, args=args, train_dataset=train, processing_class=tok)
-            quiet_progress(trainer)
-            result = trainer.train()
+        args = TRLConfig(
+            output_dir=str(ctx.checkpoint_dir),
+            max_steps=c.max_steps,
+            per_device_train_batch_size=c.batch_size,
+            learning_rate=c.learning_rate,
+            lr_scheduler_type=c.lr_scheduler,
+            warmup_steps=int(c.warmup_ratio * c.max_steps),
+            weight_decay=c.weight_decay,
+            max_grad_norm=c.max_grad_norm,
+            save_strategy="no",  # selfloop.training checkpoints by time and resumes inside the stage
+            report_to=[],
+            seed=ctx.rng.randrange(2**31),
+            use_cpu=on_cpu,
+            bf16=False,
+            fp16=False,
+            dataset_kwargs={"skip_prepare_dataset": True},
+            shuffle_dataset=False,
+            dataloader_num_workers=0,
+            **no_checkpointing,
+        )
+        candidate.model.train()
+        trainer = SFTTrainer(model=candidate.model, args=args, train_dataset=rows, processing_class=tok)
+        result = train(ctx, trainer, tokens_per_step=tokens_at)
         candidate.model.eval()
         candidate.train_metrics = {"train_loss": round(float(result.training_loss), 5)}
-        ctx.budget.train_steps += c.max_steps
         return candidate
 
 

@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from selfloop import hookimpl
+from selfloop.errors import OptionError
 from selfloop.strategy import Generation, Refiner
 
 
@@ -17,6 +18,12 @@ from selfloop.strategy import Generation, Refiner
 class SelfConsistencyConfig:
     n_samples: int = 5
     temperature: float = 0.7
+
+    def __post_init__(self):
+        if self.n_samples < 1:
+            raise OptionError("n_samples", self.n_samples, "an integer >= 1")
+        if self.temperature <= 0:
+            raise OptionError("temperature", self.temperature, "a number > 0 (voting needs sampled answers)")
 
 
 def majority(answers: list[str]) -> tuple[str, float]:
@@ -33,8 +40,6 @@ class SelfConsistency(Refiner):
 
     def refine(self, ctx, prompts, generate):
         c = self.config
-        if c.n_samples < 1 or c.temperature <= 0:
-            raise ValueError("refine.self_consistency needs n_samples >= 1 and temperature > 0")
         out = []
         for gen in generate(prompts, n=c.n_samples, temperature=c.temperature):
             answers = [ctx.task.extract_answer(x) for x in gen.completions]

@@ -10,6 +10,7 @@ import random
 from dataclasses import dataclass
 
 from selfloop import hookimpl
+from selfloop.errors import OptionError
 from selfloop.strategy import Problem, Task
 
 
@@ -18,6 +19,10 @@ class AdditionConfig:
     max_level: int = 10
     # pad both operands and the sum to the level's width (a fixed-length format)
     zero_pad: bool = False
+
+    def __post_init__(self):
+        if self.max_level < 2:
+            raise OptionError("max_level", self.max_level, "an integer >= 2")
 
 
 class Addition(Task):
@@ -28,6 +33,10 @@ class Addition(Task):
     @property
     def levels(self) -> list[int]:
         return list(range(1, self.config.max_level + 1))
+
+    @property
+    def bootstrap_levels(self) -> list[int]:
+        return [1, 2]  # a tiny model learns 1-2 digit sums in minutes; 3+ digits take far longer
 
     def sample(self, rng: random.Random, level: int, n: int) -> list[Problem]:
         out = []

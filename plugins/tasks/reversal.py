@@ -11,13 +11,20 @@ import random
 from dataclasses import dataclass
 
 from selfloop import hookimpl
+from selfloop.errors import OptionError
 from selfloop.strategy import Problem, Task
 
 
 @dataclass
 class ReversalConfig:
-    max_level: int = 16  # longest string length offered
+    max_level: int = 48  # longest string length offered
     alphabet: str = "0123456789"
+
+    def __post_init__(self):
+        if self.max_level < 2:
+            raise OptionError("max_level", self.max_level, "an integer >= 2")
+        if not self.alphabet or "=" in self.alphabet or len(set(self.alphabet)) != len(self.alphabet):
+            raise OptionError("alphabet", self.alphabet, "distinct characters, not '='")
 
 
 class Reversal(Task):
@@ -31,6 +38,10 @@ class Reversal(Task):
     @property
     def levels(self) -> list[int]:
         return list(range(1, self.config.max_level + 1))
+
+    @property
+    def bootstrap_levels(self) -> list[int]:
+        return [v for v in self.levels if v <= 6]  # learnt from scratch in about 2 CPU-minutes
 
     def sample(self, rng: random.Random, level: int, n: int) -> list[Problem]:
         chars = self.config.alphabet
