@@ -140,6 +140,8 @@ class RunContext:
     notes: dict[str, dict[str, Any]] = field(default_factory=dict)
     # rows strategies could not process during the current stage (see row_error)
     row_errors: list[dict[str, str]] = field(default_factory=list)
+    # files strategies add to the current stage's directory (see save_artifact)
+    artifacts: dict[str, bytes] = field(default_factory=dict)
     # warnings raised while the run was set up (composition), kept in run.json and the report
     setup_warnings: list[str] = field(default_factory=list)
     # set by request_stop: the loop stops after the current stage
@@ -189,6 +191,18 @@ class RunContext:
         per strategy in its metrics; it fails when their share of the stage's rows exceeds
         ``loop.max_row_error_share``. No row disappears silently."""
         self.row_errors.append({"strategy": strategy, "id": str(row_id), "reason": str(reason)})
+
+    def save_artifact(self, strategy: str, filename: str, content: str | bytes) -> str:
+        """Add a file to the current stage's directory, written with its outputs (and checked
+        like them): ``round-NNN/<stage>/artifacts/<strategy>/<filename>``. Returns that path
+        relative to the stage directory; later rounds read it through ``ctx.run_dir``."""
+        if not self.stage:
+            raise RuntimeError("save_artifact is for strategies running inside a stage")
+        if "/" in filename or filename.startswith("."):
+            raise ValueError(f"artifact file names are plain names, got {filename!r}")
+        rel = f"artifacts/{strategy}/{filename}"
+        self.artifacts[rel] = content.encode() if isinstance(content, str) else bytes(content)
+        return rel
 
     def request_stop(self, reason: str) -> None:
         """Ask the loop to stop cleanly after the current stage (a guard such as a drift

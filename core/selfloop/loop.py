@@ -78,6 +78,13 @@ def prepare(cfg: DictConfig, registry: Registry, run_dir: RunDir, hook: Any = No
         budget=BudgetMeter(loop.max_minutes, loop.max_generated_tokens, loop.max_train_tokens, loop.max_flops),
     )
     ctx.setup_warnings.extend(warnings)
+    if not getattr(task, "has_references", True):
+        meta = [e.name for e in strategies["evaluate"] if getattr(e, "uses_references", False)]
+        strategies["evaluate"] = [e for e in strategies["evaluate"] if not getattr(e, "uses_references", False)]
+        ctx.setup_warnings.append(
+            f"task {task.name!r} has no ground truth: no meta-evaluation exists for this run (label precision and accuracy "
+            f"are unknown){'; skipped ' + ', '.join(meta) if meta else ''}"
+        )
     for kind, members in (("task", [task]), *strategies.items()):
         for strategy in members:
             setup = getattr(strategy, "setup", None)
@@ -287,11 +294,12 @@ class Loop:
         ctx.stage, ctx.rng = name, random.Random(seed)
         self.plugins.notify("selfloop_on_stage_start", ctx=ctx, stage=name)
         started, before = time.monotonic(), ctx.budget.snapshot()
-        ctx.notes, ctx.row_errors = {}, []
+        ctx.notes, ctx.row_errors, ctx.artifacts = {}, [], {}
         try:
             metrics, write = compute()
         finally:
             ctx.stage = ""
+        write = _with_artifacts(write, dict(ctx.artifacts))
         if ctx.notes:
             metrics["notes"] = ctx.notes
         errors = self.check_row_errors(name, metrics)
@@ -604,6 +612,21 @@ def _split(total: int, parts: int) -> list[int]:
 def _count_levels(data) -> dict[str, int]:
     counts = Counter(str(d) for d in data["difficulty"])
     return dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
+
+
+def _with_artifacts(write: Callable | None, artifacts: dict[str, bytes]) -> Callable | None:
+    if not artifacts:
+        return write
+
+    def write_all(tmp):
+        if write is not None:
+            write(tmp)
+        for rel, content in artifacts.items():
+            path = tmp / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+
+    return write_all
 
 
 def _saver(data):

@@ -85,6 +85,9 @@ class Task(Strategy):
 
     #: the characters a from-scratch tokenizer must cover (``None`` for free text).
     alphabet: ClassVar[str | None] = None
+    #: False for a task with no ground truth at all: the loop runs on autonomous signals
+    #: alone, drops reference-using evaluators and says that no meta-evaluation exists.
+    has_references: ClassVar[bool] = True
 
     @property
     def levels(self) -> list[int]:

@@ -1,0 +1,1 @@
+"""PLACEHOLDER (being written): active_learning. Registers nothing yet."""

@@ -1,0 +1,1 @@
+"""PLACEHOLDER (being written): self_instruct. Registers nothing yet."""

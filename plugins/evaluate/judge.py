@@ -1,0 +1,1 @@
+"""PLACEHOLDER (being written): judge. Registers nothing yet."""

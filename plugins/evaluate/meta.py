@@ -1,0 +1,1 @@
+"""PLACEHOLDER (being written): meta. Registers nothing yet."""

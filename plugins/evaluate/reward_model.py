@@ -1,0 +1,1 @@
+"""PLACEHOLDER (being written): reward_model. Registers nothing yet."""

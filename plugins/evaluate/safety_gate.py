@@ -1,0 +1,1 @@
+"""PLACEHOLDER (being written): safety_gate. Registers nothing yet."""

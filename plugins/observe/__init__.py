@@ -1,0 +1,1 @@
+"""Observers: plugins that watch the loop (drift and collapse monitors)."""

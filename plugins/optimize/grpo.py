@@ -1,0 +1,1 @@
+"""PLACEHOLDER (being written): grpo. Registers nothing yet."""

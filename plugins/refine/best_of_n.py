@@ -1,0 +1,1 @@
+"""PLACEHOLDER (being written): best_of_n. Registers nothing yet."""

@@ -1,0 +1,1 @@
+"""PLACEHOLDER (being written): self_correction. Registers nothing yet."""
