@@ -7,26 +7,10 @@ from dataclasses import dataclass
 import pytest
 
 from selfloop import hookimpl
-from selfloop.config import compose
 from selfloop.errors import ContractError
-from selfloop.loop import Loop
-from selfloop.plugins import load_plugins
-from selfloop.rundir import RunDir
 from selfloop.testing import in_process_plugin
 
-FAST = [
-    "loop.rounds=1",
-    "loop.bootstrap.n_problems=300",
-    "loop.bootstrap.optimize.sft.max_steps=10",
-    "acquire.task_sampler.n_problems=20",
-    "evaluate.exact_match.n_per_level=8",
-    "evaluate.self_consistency.n_per_level=4",
-]
-# filters that keep every row, so that round 1 is not starved
-KEEP_ALL = ["filter=[uncertainty]", "filter.uncertainty.min_agreement=0", "filter.uncertainty.require_well_formed=false"]
-# sft's own option, given only when sft is the optimizer (options of unselected strategies fail)
-FAST_SFT = ["optimize.sft.max_steps=5"]
-
+from loops import KEEP_ALL, run_with
 
 def spy_plugin(seen: list):
     """An optimizer that records what it was given and returns a clone of the incumbent."""
@@ -44,14 +28,6 @@ def spy_plugin(seen: list):
     module = types.ModuleType("spy")
     module.selfloop_register_optimizers = hookimpl(lambda register: register(Spy))
     return module
-
-
-def run_with(tmp_path, extra_plugins, overrides):
-    plugins = load_plugins(extra=extra_plugins, strict=True)
-    sft = not any(o.startswith("optimize=") for o in overrides)
-    cfg = compose(["loop=smoke", *FAST, *(FAST_SFT if sft else []), *overrides], plugins.registry)
-    rd = RunDir(tmp_path / "run")
-    return Loop(cfg, rd, plugins, echo=lambda s: None), rd
 
 
 def test_references_never_reach_training_after_bootstrap(tmp_path):

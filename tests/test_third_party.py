@@ -92,7 +92,7 @@ def test_scaffolded_plugins_pass_their_own_tests_once_installed(env):
     env.pip_install(*(f"{made / f'selfloop-my-{stage}'}[test]" for stage in SCAFFOLD_STAGES))
     listed = {p["name"]: p for p in json.loads(env.run(env.bin / "selfloop", "plugins", "--json").stdout)["plugins"]}
     assert listed["my_filter"]["provides"] == {"filter": ["my_filter"]}
-    assert listed["my_observer"]["hooks"] == ["selfloop_on_stage_end"]
+    assert listed["my_observer"]["hooks"] == ["selfloop_on_round_end", "selfloop_on_stage_end"]
     for stage in SCAFFOLD_STAGES:
         out = env.run(env.bin / "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", cwd=made / f"selfloop-my-{stage}").stdout
         assert " passed" in out and "failed" not in out, out
@@ -132,4 +132,6 @@ def test_the_writing_plugins_tutorial_works_as_written(env):
     # a typo in an option fails before anything runs, naming it
     bad = subprocess.run([env.bin / "selfloop", "run", "filter=[unique_prompts]", "filter.unique_prompts.kep=first"],
                          cwd=env.root, env=env.env, capture_output=True, text=True)
-    assert bad.returncode != 0 and "Key 'kep' not in 'UniquePromptsConfig'" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "selfloop: error: unknown option filter.unique_prompts.kep; valid options of filter.unique_prompts: keep "
+        "(did you mean filter.unique_prompts.keep?)")

@@ -6,5 +6,5 @@ discovery start fast; heavy modules are imported where a run needs them.
 
 from selfloop.hookspecs import hookimpl
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["hookimpl", "__version__"]

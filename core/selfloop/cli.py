@@ -1,12 +1,20 @@
-"""The ``selfloop`` command.
+"""selfloop: closed-loop self-improvement for language models, with little or no labelling.
 
-    selfloop run [HYDRA OVERRIDES...]     compose a run with Hydra and execute it
-    selfloop resume RUN_DIR [--redo round-NNN/STAGE]
-                                          continue a stopped run from its first incomplete stage
-    selfloop plugins [--json]             installed plugins and what each provides (fast: no torch)
-    selfloop report RUN_DIR               rebuild report.md and curves.png from metrics.jsonl
-    selfloop new-plugin NAME --stage STAGE [--dir DIR]
-                                          scaffold a plugin package (entry point, config, tests)
+usage:
+  selfloop run [HYDRA OVERRIDES...]      compose a run with Hydra and execute it
+                                         (e.g. selfloop run loop=smoke filter=[uncertainty])
+  selfloop resume RUN_DIR [--redo round-NNN/STAGE]
+                                         continue a stopped run from its first incomplete stage
+  selfloop report RUN_DIR                rebuild report.md and curves.png from metrics.jsonl
+  selfloop compare RUN_DIR... | SWEEP_DIR [--out DIR]
+                                         compare runs side by side: a table, CSV/JSON and plots
+                                         (default output: <common parent>/comparison)
+  selfloop plugins [--json]              installed plugins and what each provides
+  selfloop new-plugin NAME --stage STAGE [--dir DIR | --into PACKAGE_DIR]
+                                         scaffold a plugin package (entry point, config, tests),
+                                         or add a strategy to one
+
+selfloop run --help lists every option; docs: README.md and docs/ in the repository.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from pathlib import Path
 
 from selfloop.errors import RunDirError, RunInterrupted, SelfloopError
 
-COMMANDS = ("run", "resume", "plugins", "report", "new-plugin")
+COMMANDS = ("run", "resume", "plugins", "report", "compare", "new-plugin")
 log = logging.getLogger("selfloop")
 
 
@@ -57,11 +65,9 @@ def execute(loop) -> str:
     from selfloop.rundir import read_metrics_jsonl
 
     rd = loop.run_dir
-    _ACTIVE["run_dir"] = rd.root
-    try:
-        status = loop.execute()
-    finally:
-        _ACTIVE.pop("run_dir", None)
+    _ACTIVE["run_dir"] = rd.root  # kept if the run is interrupted: main() prints the resume hint
+    status = loop.execute()
+    _ACTIVE.pop("run_dir", None)
     if rd.metrics_jsonl.exists():
         print_table(read_metrics_jsonl(rd.metrics_jsonl))
         print(f"run {status}: {rd.root} (report.md, curves.png, metrics.jsonl)")
@@ -227,13 +233,15 @@ def cmd_report(path: str) -> int:
     return 0
 
 
-def cmd_new_plugin(name: str, stage: str, dest: str | None) -> int:
-    from selfloop.scaffold import render
+def cmd_new_plugin(name: str, stage: str, dest: str | None, into: str | None = None) -> int:
+    from selfloop.scaffold import add, render
 
-    target = Path(dest or f"selfloop-{name.replace('_', '-')}")
-    for path in render(name, stage, target):
+    if dest and into:
+        raise SelfloopError("give --dir (a new package) or --into (an existing one), not both")
+    target = Path(into or dest or f"selfloop-{name.replace('_', '-')}")
+    for path in (add(name, stage, target) if into else render(name, stage, target)):
         print(f"wrote {path}")
-    print(f"next: cd {target} && pip install -e '.[test]' && python -m pytest")
+    print(f"next: cd {target} && pip install -e '.[test]' && python -m pytest" + (" (reinstall: the entry points changed)" if into else ""))
     return 0
 
 
@@ -244,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from selfloop.threads import configure_environment
+
+    configure_environment()  # before torch is imported: graceful beside other CPU-bound work
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if command == "run":
@@ -260,14 +271,22 @@ def main(argv: list[str] | None = None) -> int:
         if command == "report":
             parser.add_argument("run_dir")
             return cmd_report(parser.parse_args(rest).run_dir)
+        if command == "compare":
+            from selfloop.compare import cmd_compare
+
+            parser.add_argument("paths", nargs="+", metavar="RUN_DIR", help="run directories, or a sweep directory (multirun/<time>) holding them")
+            parser.add_argument("--out", metavar="DIR", help="where to write the comparison (default: <common parent>/comparison; never inside a run)")
+            args = parser.parse_args(rest)
+            return cmd_compare(args.paths, args.out)
         if command == "new-plugin":
             from selfloop.scaffold import STAGES
 
             parser.add_argument("name", help="the strategy name, e.g. my_filter (lowercase, digits, _)")
             parser.add_argument("--stage", required=True, choices=STAGES)
-            parser.add_argument("--dir", help="where to write the package (default: ./selfloop-NAME)")
+            parser.add_argument("--dir", help="where to write a new package, named after it (default: ./selfloop-NAME)")
+            parser.add_argument("--into", metavar="PACKAGE_DIR", help="add the strategy to an existing plugin package instead")
             args = parser.parse_args(rest)
-            return cmd_new_plugin(args.name, args.stage, args.dir)
+            return cmd_new_plugin(args.name, args.stage, args.dir, args.into)
     except SelfloopError as exc:
         return _fail(str(exc))
     except (KeyboardInterrupt, RunInterrupted) as exc:

@@ -168,7 +168,10 @@ class Loop:
             interrupted = isinstance(exc, (KeyboardInterrupt, RunInterrupted))
             status = "interrupted" if interrupted else "failed"
             rd.write_run_json(status=status, error=None if interrupted else f"{type(exc).__name__}: {exc}")
-            self.render_report()
+            try:
+                self.render_report(status)
+            except Exception as also:  # the run's own error is the one to report
+                add_note(exc, f"rendering the report failed too: {type(also).__name__}: {also}")
             try:  # every observer that saw the start sees the end, e.g. to close its files
                 notify("selfloop_on_run_end", ctx=ctx, status=status)
             except Exception as also:  # the run's own error is the one to report
@@ -178,18 +181,18 @@ class Loop:
             ModelHandle.on_generated = None
         if reason:
             self.echo(f"stopping: {reason}")
-        self.render_report()  # before the status says the run is over
+        self.render_report(status, reason)  # before the status says the run is over
         rd.write_run_json(status=status, stop_reason=reason)
         notify("selfloop_on_run_end", ctx=ctx, status=status)
         return status
 
-    def render_report(self) -> None:
+    def render_report(self, status: str, reason: str | None = None) -> None:
         from selfloop.report import render
 
         rd = self.run_dir
         if rd.records():
             rd.write_metrics_jsonl()  # rebuilt from the round records, e.g. after it was deleted
-            render(rd.root)
+            render(rd.root, status=status, stop_reason=reason)
 
     def next_stage(self) -> str:
         for round_ in range(self.run.loop.rounds + 1):
@@ -647,6 +650,7 @@ def _summary(round_: int, stage: str, m: dict[str, Any]) -> str:
         extra = ("promoted" if m["promoted"] else "rejected") + f" ({m['reason']}); next level {m['next_level']}"
         if m.get("frontier") is not None:
             extra += f"; frontier {m['frontier']}"
-    if m.get("row_errors"):
-        extra += f" · rows not processed: {sum(m['row_errors'].values())}"
+    errors = m.get("row_errors")
+    if errors:
+        extra += f" · rows not processed: {sum(errors.values()) if isinstance(errors, dict) else errors}"
     return f"{head} {extra}  [{m['seconds']:.1f}s]"

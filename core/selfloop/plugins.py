@@ -67,9 +67,10 @@ class Plugins:
         return _origin(info) if info else f"plugin {plugin_name!r}"
 
     def notify(self, hook_name: str, **kwargs: Any) -> None:
-        """Call an observer hook on every plugin that implements it. An exception still
-        stops the run (a guard may mean to), now noting the plugin that raised it."""
-        for impl in getattr(self.manager.hook, hook_name).get_hookimpls():
+        """Call an observer hook on every plugin that implements it, in pluggy's order
+        (``tryfirst`` first, then the most recently registered). An exception still stops the
+        run (a guard may mean to), now noting the plugin that raised it."""
+        for impl in reversed(getattr(self.manager.hook, hook_name).get_hookimpls()):
             if impl.hookwrapper or getattr(impl, "wrapper", False):
                 raise PluginError(f"{self.origin(impl.plugin_name)}: {hook_name} is a hook wrapper; observers must be plain @hookimpl functions")
             try:

@@ -1,16 +1,18 @@
 """The report: a per-round table (report.md, the terminal) and curves.png, rebuilt from
-``metrics.jsonl`` alone so ``selfloop report RUN_DIR`` can redraw any run.
+``metrics.jsonl`` (and ``run.json``'s warnings and status) so ``selfloop report RUN_DIR`` can
+redraw any run.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
-from selfloop.rundir import atomic_write_text, read_metrics_jsonl
+from selfloop.rundir import atomic_write_bytes, atomic_write_text, read_metrics_jsonl
 
-HEADERS = ("round", "level", "labels", "kept", "precision", "autonomous", "promoted", "accuracy by level")
+HEADERS = ("round", "level", "labels", "kept", "precision", "autonomous", "promoted", "frontier", "accuracy by level")
 
 
 def _fmt(x: Any, digits: int = 2) -> str:
@@ -33,6 +35,16 @@ def labelled_levels(records: list[dict[str, Any]]) -> set[int]:
     return {lvl for r in records for lvl in r.get("labelled_levels", [])}
 
 
+def has_meta(records: list[dict[str, Any]]) -> bool:
+    return any(accuracy_by_level(r) for r in records)
+
+
+def outcome(record: dict[str, Any]) -> str:
+    if record.get("starved"):
+        return "starved"
+    return "yes" if record["promoted"] else "no"
+
+
 def rows(records: list[dict[str, Any]]) -> list[list[str]]:
     """One table row per round; accuracy shows the highest labelled level and all above it."""
     labelled = labelled_levels(records) or {0}
@@ -48,34 +60,77 @@ def rows(records: list[dict[str, Any]]) -> list[list[str]]:
                 f"{r['kept']}/{r['acquired']}",
                 _fmt(r.get("label_precision_kept")),
                 autonomous or "–",
-                "yes" if r["promoted"] else "no",
-                " ".join(f"{k}:{v:.2f}" for k, v in sorted(acc.items()) if k not in labelled or k == max(labelled)),
+                outcome(r),
+                _fmt(r.get("frontier")),
+                " ".join(f"{k}:{v:.2f}" for k, v in sorted(acc.items()) if k not in labelled or k == max(labelled)) or "–",
             ]
         )
     return out
 
 
-def markdown(records: list[dict[str, Any]], title: str) -> str:
+def funnel_lines(records: list[dict[str, Any]]) -> list[str]:
+    """Rows in and out of each filter per round, with the label precision of what each kept
+    and dropped (meta-evaluation: how much a filter contributes)."""
+    out = []
+    for r in records:
+        steps = r.get("funnel") or []
+        if not steps:
+            continue
+        parts = []
+        for s in steps:
+            prec = ""
+            if s.get("precision_kept") is not None or s.get("precision_dropped") is not None:
+                prec = f" (precision kept {_fmt(s.get('precision_kept'))}, dropped {_fmt(s.get('precision_dropped'))})"
+            parts.append(f"{s['filter']} {s['kept']}/{s['of']}{prec}")
+        out.append(f"- round {r['round']}: {r['acquired']} acquired → " + " → ".join(parts))
+    return out
+
+
+def markdown(records: list[dict[str, Any]], title: str, info: dict[str, Any] | None = None) -> str:
+    info = info or {}
     total_labels = sum(r["labels_used"] for r in records)
     labelled = sorted(labelled_levels(records))
     names = ", ".join(records[-1].get("autonomous", {})) if records else ""
-    lines = [
-        f"# {title}",
-        "",
+    lines = [f"# {title}", ""]
+    status = info.get("status")
+    if status:
+        lines += [f"Status: **{status}**" + (f" — {info['stop_reason']}" if info.get("stop_reason") else ""), ""]
+    lines += [
         f"Labels used: **{total_labels}** in all (levels {labelled or 'none'}); every other row was labelled by the model itself.",
         "kept: rows kept by the filters / rows acquired. precision: share of kept pseudo-labels that are right.",
-        "Accuracy by level is ground truth, measured for this report only (meta-evaluation): it never reaches training or promotion.",
-        f"Autonomous score ({names or 'none'}) is label-free and decides promotion.",
+    ]
+    if has_meta(records):
+        lines += [
+            "Accuracy by level is ground truth, measured for this report only (meta-evaluation): it never reaches training or promotion.",
+            "frontier: the highest level at which ground-truth exact match is at least 0.90.",
+        ]
+    else:
+        lines += ["**No meta-evaluation exists for this run**: the task has no ground truth (or no reference-using evaluator ran), "
+                  "so label precision and accuracy are unknown; only the autonomous signals below were measured."]
+    lines += [
+        f"Autonomous score ({names or 'none'}) is label-free and decides promotion. promoted: starved = the filters kept nothing "
+        "(or the optimizer found nothing to learn), so nothing was trained or promoted.",
         "",
         "| " + " | ".join(HEADERS) + " |",
         "|" + "---|" * len(HEADERS),
     ]
     lines += ["| " + " | ".join(row) + " |" for row in rows(records)]
+    funnel = funnel_lines(records)
+    if funnel:
+        lines += ["", "## Filter funnel", "", *funnel]
+    reasons = [f"- round {r['round']}: {'promoted' if r['promoted'] else 'not promoted'} — {r['reason']}" for r in records if r["round"]]
+    if reasons:
+        lines += ["", "## Promotion decisions", "", *reasons]
+    warnings = list(info.get("warnings") or []) + [f"round {r['round']}: {w}" for r in records for w in r.get("warnings", [])]
+    if warnings:
+        lines += ["", "## Warnings", "", *[f"- {w}" for w in warnings]]
     lines += ["", "![curves](curves.png)", ""]
     return "\n".join(lines)
 
 
 def plot(records: list[dict[str, Any]], path: Path) -> Path:
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,9 +145,11 @@ def plot(records: list[dict[str, Any]], path: Path) -> Path:
         ys = [accuracy_by_level(r).get(level) for r in records]
         style = ":" if level in labelled else "-"
         ax.plot(rounds, ys, style, marker="o", ms=3, color=cmap(i), label=f"{level}{' (labelled)' if level in labelled else ''}")
-    ax.set(title="Ground-truth accuracy by difficulty (meta-evaluation)", xlabel="round", ylabel="exact match", ylim=(-0.02, 1.02))
+    ax.set(title="Ground-truth accuracy by difficulty (meta-evaluation)" if levels else "No ground truth: no meta-evaluation",
+           xlabel="round", ylabel="exact match", ylim=(-0.02, 1.02))
     ax.set_xticks(rounds)
-    ax.legend(title="level", fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if levels:
+        ax.legend(title="level", fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), ncol=1 + len(levels) // 16)
     ax.grid(alpha=0.3)
     later = [r for r in records if r["round"] > 0]
     if later:
@@ -101,25 +158,38 @@ def plot(records: list[dict[str, Any]], path: Path) -> Path:
         ax2.plot(xs, [r["kept_fraction"] for r in later], marker="s", label="kept fraction")
         for name in later[0].get("autonomous", {}):
             ax2.plot(xs, [r["autonomous"].get(name) for r in later], marker="^", label=f"autonomous: {name}")
-        rejected = [r["round"] for r in later if not r["promoted"]]
-        for x in rejected:
+        for x in [r["round"] for r in later if not r["promoted"]]:
             ax2.axvline(x, color="red", alpha=0.3)
         ax2.set_xticks(xs)
-    ax2.set(title="Label quality and autonomous score (red: rejected)", xlabel="round", ylim=(-0.02, 1.02))
-    ax2.legend(fontsize=7, loc="lower left")
+        ax2.legend(fontsize=7, loc="lower left")
+    ax2.set(title="Label quality and autonomous score (red: not promoted)", xlabel="round", ylim=(-0.02, 1.02))
     ax2.grid(alpha=0.3)
+    frontiers = [r.get("frontier") for r in records]
+    if any(f is not None for f in frontiers):
+        ax3 = ax.twinx()
+        ax3.step(rounds, [f if f is not None else float("nan") for f in frontiers], where="mid", color="black", lw=1.5, alpha=0.6)
+        ax3.set_ylabel("frontier (black): highest level >= 0.90", fontsize=8)
+        ax3.set_ylim(0, max(levels or [1]) + 1)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())  # a kill never leaves a half-written PNG
     return path
 
 
-def render(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Write report.md and curves.png into ``run_dir``; return the records."""
+def render(run_dir: str | Path, **status: Any) -> list[dict[str, Any]]:
+    """Write report.md and curves.png into ``run_dir``; return the records. ``status`` and
+    ``stop_reason`` override run.json's (the loop renders before it writes its final status)."""
     run_dir = Path(run_dir)
     records = read_metrics_jsonl(run_dir / "metrics.jsonl")
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        info = {}
+    info.update(status)
     plot(records, run_dir / "curves.png")
-    atomic_write_text(run_dir / "report.md", markdown(records, f"selfloop report: {run_dir.name}"))
+    atomic_write_text(run_dir / "report.md", markdown(records, f"selfloop report: {run_dir.name}", info))
     return records
 
 

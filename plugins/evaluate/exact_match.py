@@ -10,12 +10,17 @@ import random
 from dataclasses import dataclass
 
 from selfloop import hookimpl
+from selfloop.errors import OptionError
 from selfloop.strategy import Evaluator
 
 
 @dataclass
 class ExactMatchConfig:
     n_per_level: int = 200
+
+    def __post_init__(self):
+        if self.n_per_level < 1:
+            raise OptionError("n_per_level", self.n_per_level, "an integer >= 1")
 
 
 class ExactMatch(Evaluator):

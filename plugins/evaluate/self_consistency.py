@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass
 
 from selfloop import hookimpl
+from selfloop.errors import OptionError
 from selfloop.strategy import Evaluator
 from selfloop_plugins.filter.uncertainty import agreement
 from selfloop_plugins.refine.self_consistency import majority
@@ -21,6 +22,14 @@ class SelfConsistencyEvalConfig:
     n_per_level: int = 64
     n_samples: int = 5
     temperature: float = 0.7
+
+    def __post_init__(self):
+        if self.n_per_level < 1:
+            raise OptionError("n_per_level", self.n_per_level, "an integer >= 1")
+        if self.n_samples < 2:
+            raise OptionError("n_samples", self.n_samples, "an integer >= 2 (one sample always agrees with itself)")
+        if self.temperature <= 0:
+            raise OptionError("temperature", self.temperature, "a number > 0 (agreement needs sampled answers)")
 
 
 class SelfConsistencyEval(Evaluator):

@@ -38,6 +38,10 @@ class SelfConsistency(Refiner):
     name = "self_consistency"
     Config = SelfConsistencyConfig
 
+    def setup(self, ctx):
+        if self.config.n_samples == 1:
+            ctx.warn(self.name, "n_samples=1: a single sample always agrees with itself (agreement 1.0), so agreement-based filters and the curriculum's pacing cannot tell confident answers from guesses")
+
     def refine(self, ctx, prompts, generate):
         c = self.config
         out = []

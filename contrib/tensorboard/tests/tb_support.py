@@ -75,7 +75,7 @@ def run_stage(ctx, stage: str, metrics: dict) -> dict:
 
     metrics = {"round": ctx.round, "stage": stage, "level": ctx.level, **metrics}
     ctx.run_dir.write_stage(ctx.round, stage, metrics)
-    tb.selfloop_on_stage_end(ctx=ctx, stage=stage, metrics=metrics)
+    tb.selfloop_on_stage_end(ctx=ctx, stage=stage, metrics=metrics, replayed=False)
     return metrics
 
 
@@ -92,4 +92,4 @@ def run_round(ctx, round_: int, upto: str = "promote") -> None:
             return
     rec = run_stage(ctx, "promote", record(round_, stages))
     ctx.run_dir.write_metrics_jsonl()
-    tb.selfloop_on_round_end(ctx=ctx, record=rec)
+    tb.selfloop_on_round_end(ctx=ctx, record=rec, replayed=False)

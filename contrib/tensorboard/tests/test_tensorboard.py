@@ -69,7 +69,7 @@ def test_stage_and_round_ends_flush_for_a_live_tensorboard(make_ctx, monkeypatch
         run_stage(ctx, stage, stage_metrics(0)[stage])
         assert calls[-1] == "FLUSH"  # on disk when the hook returns
     calls.clear()
-    tb.selfloop_on_round_end(ctx=ctx, record=record(0, stage_metrics(0)))
+    tb.selfloop_on_round_end(ctx=ctx, record=record(0, stage_metrics(0)), replayed=False)
     assert "round/promoted" in calls and calls[-1] == "FLUSH"
 
 
@@ -91,7 +91,7 @@ def test_resume_replays_finished_work_and_never_doubles_a_step(make_ctx):
     stages = stage_metrics(1)
     run_stage(resumed, "evaluate", stages["evaluate"])
     rec = run_stage(resumed, "promote", record(1, stages))
-    tb.selfloop_on_round_end(ctx=resumed, record=rec)
+    tb.selfloop_on_round_end(ctx=resumed, record=rec, replayed=False)
     run_round(resumed, 2)
     tb.selfloop_on_run_end(ctx=resumed, status="completed")
 

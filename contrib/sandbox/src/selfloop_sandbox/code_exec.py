@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from selfloop import hookimpl
+from selfloop.errors import SelfloopError
 from selfloop.strategy import Evaluator, Filter
 from selfloop_sandbox.sandbox import Result, Sandbox, SandboxConfig
 
@@ -23,10 +24,25 @@ def programs(task, prompts, answers) -> list[str]:
     return [make(p, a) if make else a for p, a in zip(prompts, answers)]
 
 
-def execute(ctx, config: SandboxConfig, prompts, answers, what: str) -> list[Result]:
-    """Run every row's program; log how it went (failures by reason, cost per program)."""
+def require_programs(task, culprit: str) -> None:
+    """Executing a task's plain answers ("321") passes trivially: a task must build programs
+    (``program(prompt, answer)``) or declare that its answers are code."""
+    if not callable(getattr(task, "program", None)) and not getattr(task, "answers_are_code", False):
+        raise SelfloopError(
+            f"{culprit} cannot check task {task.name!r}: it neither builds programs (program(prompt, answer)) nor declares "
+            f"answers_are_code = True, and executing its plain answers would pass trivially; use it with task=make_number or a code task"
+        )
+
+
+def execute(ctx, config: SandboxConfig, prompts, answers, what: str, ids=None) -> list[Result]:
+    """Run every row's program; log how it went (failures by reason, cost per program); rows
+    whose program was killed (timeout, memory) go to the stage's row-error ledger."""
     started = time.monotonic()
     results = Sandbox(config).run_many(programs(ctx.task, prompts, answers))
+    if ids is not None and hasattr(ctx, "row_error"):
+        for row_id, r in zip(ids, results):
+            if r.killed:
+                ctx.row_error("code_exec", row_id, f"program killed: {r.killed}")
     if results:
         killed: dict[str, int] = {}
         for r in results:
@@ -52,8 +68,11 @@ class CodeExecFilter(Filter):
     name = "code_exec"
     Config = CodeExecFilterConfig
 
+    def setup(self, ctx):
+        require_programs(ctx.task, f"filter {self.name!r}")
+
     def filter(self, ctx, data):
-        results = execute(ctx, self.config, data["prompt"], data["answer"], f"filter.{self.name}")
+        results = execute(ctx, self.config, data["prompt"], data["answer"], f"filter.{self.name}", ids=data["id"])
         scores = [float(r.ok) for r in results]
         data = data.add_column(f"score_{self.name}", scores)
         return data.select([i for i, s in enumerate(scores) if s == 1.0])
@@ -71,8 +90,11 @@ class CodeExecEval(Evaluator):
     Config = CodeExecEvalConfig
     uses_references = False
 
+    def setup(self, ctx):
+        require_programs(ctx.task, f"evaluator {self.name!r}")
+
     def score(self, ctx, data):
-        return [float(r.ok) for r in execute(ctx, self.config, data["prompt"], data["answer"], f"evaluate.{self.name}")]
+        return [float(r.ok) for r in execute(ctx, self.config, data["prompt"], data["answer"], f"evaluate.{self.name}", ids=data["id"])]
 
     def evaluate(self, ctx, model):
         task, n = ctx.task, self.config.n_per_level

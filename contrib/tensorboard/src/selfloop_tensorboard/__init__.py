@@ -145,14 +145,18 @@ def selfloop_on_run_start(ctx):
 
 
 @hookimpl
-def selfloop_on_stage_end(ctx, stage, metrics):
+def selfloop_on_stage_end(ctx, stage, metrics, replayed):
+    if replayed:  # the stage is on disk: selfloop_on_run_start's replay() logged it already
+        return
     writer = writer_for(ctx.run_dir)
-    log_stage(writer, ctx.round, stage, metrics)
+    log_stage(writer, metrics.get("round", ctx.round), stage, metrics)
     writer.flush()  # a real stage takes minutes: let a live TensorBoard show it
 
 
 @hookimpl
-def selfloop_on_round_end(ctx, record):
+def selfloop_on_round_end(ctx, record, replayed):
+    if replayed:
+        return
     writer = writer_for(ctx.run_dir)
     log_round(writer, record)
     writer.flush()
