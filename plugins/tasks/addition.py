@@ -62,6 +62,29 @@ class Addition(Task):
     def max_new_tokens(self, level: int) -> int:
         return level + 3
 
+    def perturb(self, problem: Problem, rng: random.Random) -> Problem:
+        """A nearby problem with its own reference (for ``acquire/augment``): one digit of one
+        operand changed (the level stays: a leading digit stays non-zero), or one operand one
+        digit longer (the level may grow by one). The sum always changes."""
+        try:
+            left, right = problem.prompt.rstrip("=").split("+")
+            a, b = int(left[::-1]), int(right[::-1])
+        except ValueError:
+            raise ValueError(f"not an addition prompt ('<digits>+<digits>='): {problem.prompt!r}") from None
+        level = max(len(str(a)), len(str(b)))
+        which = rng.randrange(2)
+        digits = str((a, b)[which])
+        if rng.random() < 0.5 and (len(digits) < level or level < self.config.max_level):
+            digits = str(rng.randint(1, 9)) + digits  # one more digit, at the most significant end
+        else:
+            i = rng.randrange(len(digits))
+            lowest = 1 if i == 0 and len(digits) > 1 else 0
+            digits = digits[:i] + rng.choice([d for d in "0123456789"[lowest:] if d != digits[i]]) + digits[i + 1 :]
+        a, b = (int(digits), b) if which == 0 else (a, int(digits))
+        level = max(len(str(a)), len(str(b)))
+        pad = self.config.zero_pad
+        return Problem(prompt=f"{self._fmt(a, level)}+{self._fmt(b, level)}=", reference=self._fmt(a + b, level + 1 if pad else None), difficulty=level)
+
 
 @hookimpl
 def selfloop_register_tasks(register):

@@ -62,6 +62,29 @@ class Reversal(Task):
     def max_new_tokens(self, level: int) -> int:
         return level + 2
 
+    def perturb(self, problem: Problem, rng: random.Random) -> Problem:
+        """A nearby problem with its own reference (for ``acquire/augment``): one character
+        substituted, two adjacent different characters swapped, one inserted (level + 1) or one
+        deleted (level - 1). The prompt, and so the reference, always changes."""
+        s, chars = problem.prompt.rstrip("="), self.config.alphabet
+        if not s or any(c not in chars for c in s):
+            raise ValueError(f"not a reversal prompt of alphabet {chars!r}: {problem.prompt!r}")
+        swaps = [i for i in range(len(s) - 1) if s[i] != s[i + 1]]
+        edits = [e for e, ok in (("substitute", len(chars) > 1), ("swap", bool(swaps)), ("insert", len(s) < self.config.max_level),
+                                 ("delete", len(s) > 1)) if ok]
+        edit, i = rng.choice(edits), rng.randrange(len(s))
+        if edit == "substitute":
+            s = s[:i] + rng.choice([c for c in chars if c != s[i]]) + s[i + 1 :]
+        elif edit == "swap":
+            i = rng.choice(swaps)
+            s = s[:i] + s[i + 1] + s[i] + s[i + 2 :]
+        elif edit == "insert":
+            i = rng.randrange(len(s) + 1)
+            s = s[:i] + rng.choice(chars) + s[i:]
+        else:
+            s = s[:i] + s[i + 1 :]
+        return Problem(prompt=f"{s}=", reference=s[::-1], difficulty=len(s))
+
 
 @hookimpl
 def selfloop_register_tasks(register):
