@@ -69,7 +69,7 @@ def test_rows_a_strategy_could_not_process_are_recorded_and_fail_the_stage_past_
 
     loop, rd = run_with(tmp_path / "strict", {"picky": in_process_plugin(Picky, name="picky")},
                         [*KEEP_ALL, "filter=[uncertainty,picky]", "loop.max_row_error_share=0.01"])
-    with pytest.raises(SelfloopError, match=r"3 of \d+ rows of round 1's filter could not be processed .*picky: no match for pattern \(3x\)"):
+    with pytest.raises(SelfloopError, match=r"picky could not process 3 of \d+ rows in round 1's filter \(more than loop.max_row_error_share=0.01\); most common: no match for pattern \(3x\)"):
         loop.execute()
     assert not rd.stage_dir(1, "filter").exists()
 
@@ -90,6 +90,25 @@ def test_a_strategy_that_cannot_do_part_of_its_job_says_so_in_the_record_and_rep
     record = rd.records()[1]
     assert record["warnings"] == ["filter/partial: no inverse for these rows: scored nan, kept"]
     assert "round 1: filter/partial: no inverse for these rows" in (rd.root / "report.md").read_text()
+
+
+def test_a_guard_stops_the_run_after_the_current_stage_and_resume_continues(tmp_path):
+    asked = []
+
+    class Guard:
+        @hookimpl
+        def selfloop_on_stage_end(self, ctx, stage, metrics):
+            if stage == "filter" and not asked:
+                asked.append(True)
+                ctx.request_stop("label precision dropped below 0.5")
+
+    loop, rd = run_with(tmp_path, {"guard": Guard()}, KEEP_ALL)
+    assert loop.execute() == "stopped"
+    assert rd.is_complete(1, "filter") and not rd.stage_dir(1, "optimize").exists()  # nothing trained after the request
+    info = json.loads(rd.run_json.read_text())
+    assert info["status"] == "stopped" and info["stop_reason"] == "label precision dropped below 0.5"
+    loop, _ = run_with(tmp_path, {"guard": Guard()}, KEEP_ALL)
+    assert loop.execute() == "completed"
 
 
 # -- run-directory integrity ---------------------------------------------------------------
@@ -339,3 +358,27 @@ def test_bad_options_fail_before_anything_is_written_and_without_importing_torch
     assert proc.stderr.strip() == "selfloop: error: bad option loop.rounds=-1: accepted: an integer >= 0 (0: the bootstrap only)"
     assert proc.stdout.strip() == "no torch"
     assert not (tmp_path / "run").exists()
+
+
+def test_the_report_shows_evaluator_trust_dimensions_guards_and_no_ground_truth(tmp_path):
+    from selfloop.report import render
+
+    rd = RunDir(tmp_path)
+    base = {"labels_used": 0, "labelled_levels": [], "acquired": 10, "kept": 5, "kept_fraction": 0.5, "autonomous": {"multi": 0.8},
+            "promoted": True, "reason": "no autonomous evaluator got worse", "funnel": [], "compute": {"seconds": 1.0}}
+    records = [dict(base, round=0, level=None, labels_used=4, labelled_levels=[1], meta={}), dict(base, round=1, level=2, meta={})]
+    rd.metrics_jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    meta = {"score": 0.5, "uses_references": True, "evaluators": {
+        "self_consistency": {"trusted": False, "spearman": 0.12, "candidates": 9, "kappa_with_truth": 0.05},
+        "multi": {"trusted": True, "spearman": 0.93, "candidates": 9, "kappa_with_truth": 0.6, "precision_kept": 0.97}},
+        "agreement": {"krippendorff_alpha": 0.4, "pairwise_kappa": {"self_consistency|multi": 0.3}}}
+    multi = {"score": 0.8, "uses_references": False, "by_dimension": {"format": {"1": 1.0, "2": 0.5}}, "weights": {"format": 1.0}}
+    rd.write_stage(1, "evaluate", {"evaluators": {"meta": meta, "multi": multi}})
+    (tmp_path / "drift.jsonl").write_text(json.dumps({"round": 1, "flags": ["collapse: distinct share 0.02"]}) + "\n")
+    render(tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "| self_consistency | no | 0.12 (9) | 0.05 |" in report and "| multi | yes | 0.93 (9) | 0.60 | 0.97 |" in report
+    assert "Krippendorff's alpha 0.40" in report
+    assert "- multi: format 0.75 (weight 1.00)" in report
+    assert "- round 1: drift monitor: collapse: distinct share 0.02" in report
+    assert "No meta-evaluation exists for this run" in report  # no accuracy by level anywhere

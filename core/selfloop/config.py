@@ -386,7 +386,7 @@ def hydra_error(exc: BaseException, registry: Registry | None = None) -> Selfloo
         schema = _schema_at(parts, registry)
         if schema is not None:
             return unknown_option(key, _fields(schema))
-        if parts[0] in KINDS and len(parts) >= 2:
+        if parts[0] in KINDS and len(parts) == 2:  # `filter.x.opt=1` with x not selected: Hydra stops at `filter.x`
             return SelfloopError(f"{parts[0]} {parts[1]!r} is not selected; select it with {parts[0]}=[...,{parts[1]}] (option {key})")
     if isinstance(cause, OmegaConfBaseException):
         return _omegaconf_error(cause, "")

@@ -146,6 +146,8 @@ class RunContext:
     setup_warnings: list[str] = field(default_factory=list)
     # set by request_stop: the loop stops after the current stage
     stop_reason: str | None = None
+    # the evaluate stage's results so far, {evaluator: result}, for evaluators that judge others
+    evaluation: dict[str, Any] = field(default_factory=dict)
     _warned: set = field(default_factory=set, repr=False)
 
     @property

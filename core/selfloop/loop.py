@@ -37,6 +37,10 @@ from selfloop.rundir import STAGE_ORDER, RunDir, package_versions
 FRONTIER_ACCURACY = 0.9
 
 
+class StopRequested(Exception):
+    """A guard called ``ctx.request_stop``: the loop stops after the stage that just finished."""
+
+
 @dataclass
 class LoopState:
     """What the next round starts from, derived from finished rounds' records."""
@@ -77,11 +81,10 @@ def prepare(cfg: DictConfig, registry: Registry, run_dir: RunDir, hook: Any = No
         strategies=strategies,
         budget=BudgetMeter(loop.max_minutes, loop.max_generated_tokens, loop.max_train_tokens, loop.max_flops),
     )
-    ctx.setup_warnings.extend(warnings)
     if not getattr(task, "has_references", True):
         meta = [e.name for e in strategies["evaluate"] if getattr(e, "uses_references", False)]
         strategies["evaluate"] = [e for e in strategies["evaluate"] if not getattr(e, "uses_references", False)]
-        ctx.setup_warnings.append(
+        warnings.append(
             f"task {task.name!r} has no ground truth: no meta-evaluation exists for this run (label precision and accuracy "
             f"are unknown){'; skipped ' + ', '.join(meta) if meta else ''}"
         )
@@ -98,8 +101,9 @@ def prepare(cfg: DictConfig, registry: Registry, run_dir: RunDir, hook: Any = No
                 raise exc.located(f"{kind}.{strategy.name}.") from None
             except ValueError as exc:
                 raise SelfloopError(f"{culprit} cannot run with this config: {exc}") from None
-    for message in ctx.setup_warnings:
+    for message in warnings:  # (strategies' own ctx.warn calls log themselves)
         ctx.log.warning("%s", message)
+    ctx.setup_warnings[:0] = warnings
     return ctx
 
 
@@ -157,11 +161,10 @@ class Loop:
                     status = "budget_exhausted" if ctx.budget.over() else ("starved" if self.starved_too_long() else "stopped")
                     break
                 self.run_round(round_)
-                if ctx.stop_reason:
-                    status, reason = "stopped", ctx.stop_reason
-                    break
             else:
                 status = "completed"
+        except StopRequested:
+            status, reason = "stopped", ctx.stop_reason
         except BudgetExhausted as exc:
             status, reason = "budget_exhausted", str(exc)
         except BaseException as exc:
@@ -182,7 +185,7 @@ class Loop:
         if reason:
             self.echo(f"stopping: {reason}")
         self.render_report(status, reason)  # before the status says the run is over
-        rd.write_run_json(status=status, stop_reason=reason)
+        rd.write_run_json(status=status, stop_reason=reason, warnings=ctx.setup_warnings)  # observers may have warned
         notify("selfloop_on_run_end", ctx=ctx, status=status)
         return status
 
@@ -319,6 +322,8 @@ class Loop:
         rd.write_stage(ctx.round, name, metrics, write, errors)
         self.echo(_summary(ctx.round, name, metrics))
         self.deliver_stage_end(ctx.round, name, metrics)
+        if ctx.stop_reason:  # a guard asked (in the stage or an observer): stop before the next stage
+            raise StopRequested(ctx.stop_reason)
         return metrics
 
     def check_row_errors(self, stage: str, metrics: dict[str, Any]) -> list[dict[str, str]]:
@@ -328,14 +333,18 @@ class Loop:
             return []
         by_strategy = Counter(e["strategy"] for e in errors)
         metrics["row_errors"] = dict(by_strategy)
-        rows = {"acquire": metrics.get("rows", 0) + len(errors), "filter": metrics.get("acquired", 0), "optimize": metrics.get("rows", 0)}.get(stage)
+        stage_rows = {"acquire": metrics.get("rows", 0) + len(errors), "filter": metrics.get("acquired", 0), "optimize": metrics.get("rows", 0)}.get(stage)
         limit = self.run.loop.max_row_error_share
-        if rows and len(errors) / rows > limit:
-            reasons = Counter(f"{e['strategy']}: {e['reason']}" for e in errors).most_common(3)
-            raise SelfloopError(
-                f"{len(errors)} of {rows} rows of round {self.ctx.round}'s {stage} could not be processed "
-                f"(more than loop.max_row_error_share={limit}); most common: " + "; ".join(f"{r} ({n}x)" for r, n in reasons)
-            )
+        for strategy, count in by_strategy.items():
+            # the rows the strategy saw: its own count (ctx.record(name, rows=n), e.g. an evaluator's
+            # probes) or the stage's
+            rows = (self.ctx.notes.get(strategy) or {}).get("rows") or stage_rows
+            if rows and count / rows > limit:
+                reasons = Counter(e["reason"] for e in errors if e["strategy"] == strategy).most_common(3)
+                raise SelfloopError(
+                    f"{strategy} could not process {count} of {rows} rows in round {self.ctx.round}'s {stage} "
+                    f"(more than loop.max_row_error_share={limit}); most common: " + "; ".join(f"{r} ({n}x)" for r, n in reasons)
+                )
         return errors
 
     def load_data(self, stage: str):
@@ -452,7 +461,7 @@ class Loop:
         if optimized.get("starved"):
             return {"evaluators": {}, "skipped": "starved round: no candidate"}, None
         candidate = self.load_model(ctx.round)
-        results = {}
+        results = ctx.evaluation = {}  # evaluators later in the list see earlier ones' results (meta)
         for evaluator in ctx.strategies["evaluate"]:
             culprit = describe(evaluator, "evaluate", self.plugins.registry)
             with blame(culprit):

@@ -86,7 +86,77 @@ def funnel_lines(records: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def markdown(records: list[dict[str, Any]], title: str, info: dict[str, Any] | None = None) -> str:
+def last_evaluation(run_dir: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The evaluate stage's results of the last round that evaluated a candidate."""
+    for r in reversed(records):
+        path = run_dir / f"round-{r['round']:03d}" / "evaluate" / "metrics.json"
+        try:
+            evaluators = json.loads(path.read_text()).get("evaluators") or {}
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue
+        if evaluators:
+            return evaluators
+    return {}
+
+
+def trust_lines(evaluation: dict[str, Any]) -> list[str]:
+    """Meta-evaluation of the evaluators (from an evaluator such as ``meta`` that reports
+    ``evaluators: {name: {trusted, spearman, ...}}``): can each autonomous signal be trusted?"""
+    out = []
+    for judge, result in evaluation.items():
+        table = result.get("evaluators")
+        if not isinstance(table, dict) or not any(isinstance(v, dict) and "trusted" in v for v in table.values()):
+            continue
+        out += [f"From `{judge}` (ground truth, report only):", "",
+                "| evaluator | trusted | Spearman (candidates) | kappa with truth | precision kept | kept share | calibration error |",
+                "|---|---|---|---|---|---|---|"]
+        for name, e in table.items():
+            trusted = {True: "yes", False: "no"}.get(e.get("trusted"), "unknown")
+            rho = f"{_fmt(e.get('spearman'))} ({e.get('candidates', '–')})"
+            out.append(f"| {name} | {trusted} | {rho} | {_fmt(e.get('kappa_with_truth'))} | {_fmt(e.get('precision_kept'))} | "
+                       f"{_fmt(e.get('kept_share'))} | {_fmt(e.get('calibration_error'))} |")
+        agreement = result.get("agreement") or {}
+        if agreement.get("krippendorff_alpha") is not None:
+            out += ["", f"Agreement among evaluators: Krippendorff's alpha {_fmt(agreement['krippendorff_alpha'])}; pairwise kappa "
+                    + ", ".join(f"{pair.replace('|', ' / ')} {_fmt(k)}" for pair, k in (agreement.get("pairwise_kappa") or {}).items())]
+        out.append("")
+    return out
+
+
+def dimension_lines(evaluation: dict[str, Any]) -> list[str]:
+    """Evaluators that report several dimensions (``by_dimension``), each shown separately."""
+    out = []
+    for name, result in evaluation.items():
+        dims = result.get("by_dimension")
+        if isinstance(dims, dict) and dims:
+            weights = result.get("weights") or {}
+            out.append(f"- {name}: " + ", ".join(f"{d} {_fmt(_mean(v))}" + (f" (weight {_fmt(weights[d])})" if d in weights else "") for d, v in dims.items()))
+    return out
+
+
+def _mean(value: Any) -> Any:
+    if isinstance(value, dict) and value:
+        return sum(value.values()) / len(value)
+    return value
+
+
+def guard_lines(run_dir: Path) -> list[str]:
+    """What guard observers found (the drift monitor's ``drift.jsonl``)."""
+    path = run_dir / "drift.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        for flag in entry.get("flags") or []:
+            out.append(f"- round {entry.get('round')}: drift monitor: {flag}")
+    return out or ["- drift monitor: no collapse or drift flagged"]
+
+
+def markdown(records: list[dict[str, Any]], title: str, info: dict[str, Any] | None = None, run_dir: Path | None = None) -> str:
     info = info or {}
     total_labels = sum(r["labels_used"] for r in records)
     labelled = sorted(labelled_levels(records))
@@ -121,6 +191,16 @@ def markdown(records: list[dict[str, Any]], title: str, info: dict[str, Any] | N
     reasons = [f"- round {r['round']}: {'promoted' if r['promoted'] else 'not promoted'} — {r['reason']}" for r in records if r["round"]]
     if reasons:
         lines += ["", "## Promotion decisions", "", *reasons]
+    evaluation = last_evaluation(run_dir, records) if run_dir else {}
+    trust = trust_lines(evaluation)
+    if trust:
+        lines += ["", "## Can the autonomous evaluators be trusted?", "", *trust]
+    dims = dimension_lines(evaluation)
+    if dims:
+        lines += ["", "## Evaluation by dimension (last evaluated candidate)", "", *dims]
+    guards = guard_lines(run_dir) if run_dir else []
+    if guards:
+        lines += ["", "## Guards", "", *guards]
     warnings = list(info.get("warnings") or []) + [f"round {r['round']}: {w}" for r in records for w in r.get("warnings", [])]
     if warnings:
         lines += ["", "## Warnings", "", *[f"- {w}" for w in warnings]]
@@ -189,7 +269,7 @@ def render(run_dir: str | Path, **status: Any) -> list[dict[str, Any]]:
         info = {}
     info.update(status)
     plot(records, run_dir / "curves.png")
-    atomic_write_text(run_dir / "report.md", markdown(records, f"selfloop report: {run_dir.name}", info))
+    atomic_write_text(run_dir / "report.md", markdown(records, f"selfloop report: {run_dir.name}", info, run_dir))
     return records
 
 
