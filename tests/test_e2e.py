@@ -192,7 +192,7 @@ def test_bad_input_gives_one_clear_error(tmp_path):
     proc = selfloop("resume", str(tmp_path / "missing"), check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     proc = selfloop("frobnicate", check=False)
-    assert proc.returncode == 2 and "commands: run, resume, plugins, report" in proc.stderr
+    assert proc.returncode == 2 and "commands: run, resume, infer, plugins, report, compare, new-plugin" in proc.stderr
 
 
 @pytest.mark.parametrize("launcher", ["basic", "joblib"])

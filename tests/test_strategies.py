@@ -219,4 +219,4 @@ def test_self_consistency_evaluator_is_label_free(make_ctx, trained_model):
 
 def test_contract_columns_are_the_documented_ones():
     assert REQUIRED == ("id", "prompt", "completions", "answer", "reference", "difficulty", "round", "source")
-    assert COLUMNS == REQUIRED + ("temperature", "completion_logprobs")
+    assert COLUMNS == REQUIRED + ("temperature", "completion_logprobs", "refine_trace")

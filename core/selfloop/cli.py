@@ -5,6 +5,8 @@ usage:
                                          (e.g. selfloop run loop=smoke filter=[uncertainty])
   selfloop resume RUN_DIR [--redo round-NNN/STAGE]
                                          continue a stopped run from its first incomplete stage
+  selfloop infer RUN_DIR [--input FILE|-] [--output FILE] [--format jsonl|text] [--no-refine]
+                                         answer prompts with the run's promoted model through its refiners
   selfloop report RUN_DIR                rebuild report.md and curves.png from metrics.jsonl
   selfloop compare RUN_DIR... | SWEEP_DIR [--out DIR]
                                          compare runs side by side: a table, CSV/JSON and plots
@@ -29,7 +31,7 @@ from pathlib import Path
 
 from selfloop.errors import RunDirError, RunInterrupted, SelfloopError
 
-COMMANDS = ("run", "resume", "plugins", "report", "compare", "new-plugin")
+COMMANDS = ("run", "resume", "infer", "plugins", "report", "compare", "new-plugin")
 log = logging.getLogger("selfloop")
 
 
@@ -271,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
         if command == "report":
             parser.add_argument("run_dir")
             return cmd_report(parser.parse_args(rest).run_dir)
+        if command == "infer":
+            from selfloop.infer import add_arguments, cmd_infer
+
+            add_arguments(parser)
+            return cmd_infer(**vars(parser.parse_args(rest)))
         if command == "compare":
             from selfloop.compare import cmd_compare
 

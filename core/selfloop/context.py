@@ -265,7 +265,9 @@ class RunContext:
 
         Without refiners (or ``refine=False``) each prompt gets one greedy completion. The
         model's generations carry ``extra["sampling"]`` (temperature, n, per-completion mean
-        log-probabilities).
+        log-probabilities). A refiner calls the next layer as ``generate(prompts, n=...,
+        temperature=..., max_new_tokens=...)``; ``max_new_tokens`` defaults to the caller's (a
+        chain-of-thought refiner raises it for room to reason).
         """
         handle = model or self.model
         if handle is None:
@@ -275,7 +277,9 @@ class RunContext:
         # stand-ins for ModelHandle in tests may not offer log-probabilities
         with_logprobs = "return_logprobs" in inspect.signature(handle.generate).parameters
 
-        def base(ps: list[str], n: int = 1, temperature: float = 0.0) -> list[Generation]:
+        caller_max = max_new_tokens
+
+        def base(ps: list[str], n: int = 1, temperature: float = 0.0, max_new_tokens: int = caller_max) -> list[Generation]:
             if with_logprobs:
                 outs, logprobs = handle.generate(ps, n=n, temperature=temperature, max_new_tokens=max_new_tokens, return_logprobs=True)
             else:
@@ -309,10 +313,11 @@ class RunContext:
 def _bind(refiner: Any, ctx: RunContext, inner: Any) -> Any:
     culprit = ctx.registry.describe("refine", refiner.name)
 
-    def refined(ps: list[str], n: int = 1, temperature: float = 0.0) -> list[Generation]:
-        # An outer layer's sampling request becomes the default of this layer's calls.
+    def refined(ps: list[str], n: int = 1, temperature: float = 0.0, **options: Any) -> list[Generation]:
+        # An outer layer's sampling request (and e.g. a larger max_new_tokens) becomes the
+        # default of this layer's calls.
         with blame(culprit):
-            out = refiner.refine(ctx, ps, functools.partial(inner, n=n, temperature=temperature))
+            out = refiner.refine(ctx, ps, functools.partial(inner, n=n, temperature=temperature, **options))
         if not isinstance(out, list) or len(out) != len(ps) or not all(isinstance(g, Generation) for g in out):
             got = f"a list of {len(out)}" if isinstance(out, list) else type(out).__name__
             raise ContractError(f"{culprit} returned {got}; expected a list of {len(ps)} Generation, one per prompt in order")

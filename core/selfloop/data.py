@@ -22,7 +22,9 @@ REQUIRED = ("id", "prompt", "completions", "answer", "reference", "difficulty", 
 # Sampling metadata (added in 0.2): the temperature the completions were sampled at (None:
 # not sampled, e.g. bootstrap labels) and each completion's mean token log-probability under
 # the model that wrote it (empty when unknown).
-OPTIONAL = ("temperature", "completion_logprobs")
+# refine_trace (JSON of Generation.extra without "sampling": self-correction turns, the
+# chain-of-thought rationale, retrieved passages) lets optimizers train on rationales.
+OPTIONAL = ("temperature", "completion_logprobs", "refine_trace")
 COLUMNS = REQUIRED + OPTIONAL
 EMPTY = "empty-dataset.json"
 # What a filter or optimizer sees: everything but the references.
@@ -44,6 +46,7 @@ def features() -> Features:
             "source": Value("string"),
             "temperature": Value("float32"),
             "completion_logprobs": Sequence(Value("float32")),
+            "refine_trace": Value("string"),
         }
     )
 
@@ -70,6 +73,7 @@ def make_rows(rows: Iterable[dict[str, Any]]) -> Dataset:
         columns["source"].append(str(row.get("source", "")))
         columns["temperature"].append(row.get("temperature"))
         columns["completion_logprobs"].append(list(row.get("completion_logprobs") or []))
+        columns["refine_trace"].append(row.get("refine_trace"))
     return Dataset.from_dict(columns, features=features())
 
 
@@ -81,7 +85,7 @@ def conform(data: Dataset) -> Dataset:
         return data
     feats = features()
     for column in missing:
-        default = None if column == "temperature" else []
+        default = [] if column == "completion_logprobs" else None
         data = data.add_column(column, [default] * len(data), feature=feats[column])
     return data
 
@@ -148,3 +152,31 @@ def concat(parts: list[Dataset]) -> Dataset:
     if not parts:
         return make_rows([])
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def jsonable(value: Any) -> Any:
+    """JSON-safe copy: NaN and infinities become null, tuples and sets lists."""
+    import math
+
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    return str(value)
+
+
+def generation_columns(generation: Any) -> dict[str, Any]:
+    """The row fields an acquirer takes from a Generation besides its answer: sampling
+    metadata and the refiners' trace."""
+    sampling = generation.extra.get("sampling") or {}
+    trace = {k: v for k, v in generation.extra.items() if k != "sampling"}
+    return {
+        "completions": generation.completions,
+        "temperature": sampling.get("temperature"),
+        "completion_logprobs": sampling.get("logprobs") or [],
+        "refine_trace": json.dumps(jsonable(trace)) if trace else None,
+    }
