@@ -39,7 +39,7 @@ def test_a_starved_round_is_neither_trained_nor_promoted_and_the_run_stops_after
     assert [r["round"] for r in records] == [0, 1, 2]  # stopped after two starved rounds, not five
     for r in records[1:]:
         assert r["starved"] and not r["promoted"] and r["incumbent_round"] == 0
-        assert r["reason"].startswith("starved: the filters kept 0 of")
+        assert r["reason"].startswith("starved: the filters kept 0 of") and r["reason"].endswith("(drop_all 0/20)")
         assert r["next_level"] == r["level"]  # the curriculum waits
         assert r["compute"].get("train_steps", 0) == 0
     assert not (rd.stage_dir(1, "optimize") / "model").exists()

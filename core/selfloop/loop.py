@@ -423,7 +423,9 @@ class Loop:
         bootstrap = ctx.round == 0
         data = self.load_data("acquire" if bootstrap else "filter")
         if not bootstrap and not len(data):
-            return self.starved(f"the filters kept 0 of {self.run_dir.stage_metrics(ctx.round, 'filter')['acquired']} acquired rows")
+            filtered = self.run_dir.stage_metrics(ctx.round, "filter")
+            funnel = " → ".join(f"{s['filter']} {s['kept']}/{s['of']}" for s in filtered["filters"])
+            return self.starved(f"the filters kept 0 of {filtered['acquired']} acquired rows ({funnel or 'no filter'})")
         labels_used = len(data) if bootstrap else 0
         if loop.allow_references_in_training and not bootstrap:
             acquired = self.load_data("acquire")
