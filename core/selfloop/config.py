@@ -388,6 +388,9 @@ def hydra_error(exc: BaseException, registry: Registry | None = None) -> Selfloo
             return unknown_option(key, _fields(schema))
         if parts[0] in KINDS and len(parts) == 2:  # `filter.x.opt=1` with x not selected: Hydra stops at `filter.x`
             return SelfloopError(f"{parts[0]} {parts[1]!r} is not selected; select it with {parts[0]}=[...,{parts[1]}] (option {key})")
+        if parts[0] in KINDS and registry is not None and parts[1] in registry.entries[parts[0]]:  # a key in a dict option
+            parent = ".".join(parts[:-1])
+            return SelfloopError(f"bad option {key}: {parent} is a mapping without that key; add it with +{key}=VALUE")
     if isinstance(cause, OmegaConfBaseException):
         return _omegaconf_error(cause, "")
     options = getattr(exc, "options", None)

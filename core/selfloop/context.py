@@ -208,8 +208,9 @@ class RunContext:
 
     def request_stop(self, reason: str) -> None:
         """Ask the loop to stop cleanly after the current stage (a guard such as a drift
-        monitor); the run ends with status ``stopped`` and the reason in ``run.json``."""
-        self.stop_reason = reason
+        monitor); the run ends with status ``stopped`` and the reason in ``run.json``. The
+        first reason given wins (a later guard reacting to the same event adds nothing)."""
+        self.stop_reason = self.stop_reason or reason
 
     def history(self) -> list[dict[str, Any]]:
         """Records of the rounds finished before this one (the lines of ``metrics.jsonl``),

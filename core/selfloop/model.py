@@ -111,7 +111,9 @@ class ModelHandle:
 
     def clone(self) -> ModelHandle:
         """An independent copy (train a candidate without touching the incumbent)."""
-        return ModelHandle(copy.deepcopy(self.model), self.tokenizer, self.device)
+        model = copy.deepcopy(self.model)
+        unpatch_forward(model)
+        return ModelHandle(model, self.tokenizer, self.device)
 
     def apply_frozen(self) -> None:
         names = set(getattr(self.model.config, FROZEN_KEY, None) or [])
@@ -222,3 +224,9 @@ def _count_new_tokens(new: torch.Tensor, eos_id: int | None) -> int:
     is_eos = (new == eos_id).long()
     after_eos = (is_eos.cumsum(dim=1) - is_eos) > 0
     return int((~after_eos).sum())
+
+
+def unpatch_forward(model: Any) -> None:
+    """Drop a ``forward`` that a trainer (accelerate) set on the model object itself: it is a
+    closure over that object, so a deep copy would keep running the original's weights."""
+    model.__dict__.pop("forward", None)

@@ -88,6 +88,10 @@ class Task(Strategy):
     #: False for a task with no ground truth at all: the loop runs on autonomous signals
     #: alone, drops reference-using evaluators and says that no meta-evaluation exists.
     has_references: ClassVar[bool] = True
+    #: True for a task whose ``sample`` draws from a finite unlabelled pool (e.g. a dataset's
+    #: rows) separate from the bootstrap's labelled split: acquirers then draw at every level,
+    #: the bootstrap's included (for synthetic tasks they skip the levels the bootstrap labelled).
+    unlabelled_pool: ClassVar[bool] = False
 
     @property
     def levels(self) -> list[int]:

@@ -106,5 +106,8 @@ def train(ctx: Any, trainer: Any, desc: str | None = None, tokens_per_step: Any 
         ctx.log.info("resuming %s from %s", ctx.stage, os.path.relpath(resume, ctx.run_dir.root))
         ctx.record("training", resumed_from_step=int(done[-1].name.split("-")[1]))
     result = trainer.train(resume_from_checkpoint=resume)
+    from selfloop.model import unpatch_forward
+
+    unpatch_forward(trainer.model)  # the trained model must be cloneable (see unpatch_forward)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return result._replace(training_loss=sum(losses) / len(losses)) if losses else result

@@ -114,6 +114,8 @@ class DriftMonitor:
             return None
         rd.verify(round_, "acquire")
         data = load(rd.stage_dir(round_, "acquire") / "data")
+        if not len(data):  # nothing acquired (e.g. an exhausted pool): no diversity to measure
+            return None
         levels = Counter(int(d) for d in data["difficulty"])
         return {**diversity(list(data["answer"]), self.settings.ngram), "difficulties": {str(k): levels[k] for k in sorted(levels)}}
 

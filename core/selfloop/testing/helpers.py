@@ -130,14 +130,9 @@ def smoke_loop(run_dir: Path, overrides: Sequence[str] = (), plugins: Plugins | 
     from selfloop.rundir import RunDir
 
     plugins = plugins or load_plugins(strict=True)
-    sizes = [*QUICK] if quick and "sft" in _optimizers(overrides) else []
-    cfg = compose(["loop=smoke", f"loop.rounds={rounds}", *sizes, *overrides], plugins)
+    cfg = compose(["loop=smoke", f"loop.rounds={rounds}", *overrides], plugins)
+    if quick and "sft" in cfg.optimize:  # QUICK's options are sft's (a recipe may choose another)
+        cfg = compose(["loop=smoke", f"loop.rounds={rounds}", *QUICK, *overrides], plugins)
     rd = RunDir(Path(run_dir))
     status = Loop(cfg, rd, plugins, echo=lambda s: None).execute()
     return SmokeRun(Path(run_dir), status, rd.records())
-
-
-def _optimizers(overrides: Sequence[str]) -> set[str]:
-    """The optimizer a run will use: QUICK's options are sft's, so they apply only to it."""
-    chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("optimize=")]
-    return set(chosen[-1:] or ["sft"])
