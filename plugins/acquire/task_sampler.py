@@ -3,7 +3,10 @@ incumbent model, through the configured refiners (e.g. self-consistency voting).
 
 By default it also relabels the level below (``level_offsets: [-1, 0]``): labels made by an
 earlier, weaker model carry its mistakes, and relabelling with the current model corrects
-them. Levels the bootstrap labelled are skipped.
+them. Levels the bootstrap labelled are skipped (their problems are already learnt), except
+on a task that draws from a finite unlabelled pool (``task.unlabelled_pool``, e.g.
+``task=dataset``): there the bootstrap used a small labelled split, and the pool's rows at
+those levels are new data.
 
 References come along for meta-evaluation only: the loop strips them before any filter
 or optimizer sees the data.
@@ -20,7 +23,8 @@ from selfloop.strategy import Acquirer
 @dataclass
 class TaskSamplerConfig:
     n_problems: int = 2000
-    # sample n_problems at ctx.level + each offset (bootstrap levels are skipped)
+    # sample n_problems at ctx.level + each offset (bootstrap levels are skipped unless the
+    # task draws from an unlabelled pool)
     level_offsets: list[int] = field(default_factory=lambda: [-1, 0])
     batch_size: int = 500
 
@@ -30,15 +34,16 @@ class TaskSampler(Acquirer):
     Config = TaskSamplerConfig
 
     def acquire(self, ctx):
-        from tqdm.auto import tqdm
-
-        from selfloop.data import make_rows
+        from selfloop.data import generation_columns, make_rows
+        from selfloop.progress import progress
 
         c = self.config
-        labelled = set(ctx.run.loop.bootstrap.levels)
+        labelled = set() if getattr(ctx.task, "unlabelled_pool", False) else set(ctx.run.loop.bootstrap.levels)
         levels = [ctx.level + o for o in c.level_offsets if ctx.level + o in ctx.task.levels and ctx.level + o not in labelled]
+        if not levels:
+            ctx.warn(self.name, f"nothing to acquire at level {ctx.level} with level_offsets={list(c.level_offsets)}: every such level is outside the task or labelled by the bootstrap")
         rows = []
-        with tqdm(total=c.n_problems * len(levels), desc=f"acquire round {ctx.round}", unit="problem", leave=False) as bar:
+        with progress(c.n_problems * len(levels), f"acquire round {ctx.round}", "problem") as bar:
             for level in levels:
                 problems = ctx.task.sample(ctx.rng, level, c.n_problems)
                 for start in range(0, len(problems), c.batch_size):
@@ -46,8 +51,8 @@ class TaskSampler(Acquirer):
                     gens = ctx.generate([p.prompt for p in chunk], max_new_tokens=ctx.task.max_new_tokens(level))
                     for i, (p, g) in enumerate(zip(chunk, gens), start=start):
                         rows.append(
-                            dict(id=f"r{ctx.round:03d}-L{level}-{i}", prompt=p.prompt, completions=g.completions, answer=g.answer,
-                                 reference=p.reference, difficulty=level, round=ctx.round, source=f"acquire/{self.name}")
+                            dict(id=f"r{ctx.round:03d}-L{level}-{i}", prompt=p.prompt, answer=g.answer, reference=p.reference,
+                                 difficulty=level, round=ctx.round, source=f"acquire/{self.name}", **generation_columns(g))
                         )
                     bar.update(len(chunk))
         return make_rows(rows)
