@@ -251,12 +251,12 @@ def test_augment_refuses_modes_the_task_cannot_serve():
 
 # -- active_learning ---------------------------------------------------------------------------
 def disagreement(model, prompts, seed=123) -> list[float]:
-    """Fresh samples, independent of the acquirer's: 1 - the majority's share of 8 answers."""
+    """Fresh samples, independent of the acquirer's: 1 - the majority's share of 16 answers."""
     import torch
     from collections import Counter
 
     torch.manual_seed(seed)
-    outs = model.generate(prompts, n=8, temperature=1.0, max_new_tokens=8)
+    outs = model.generate(prompts, n=16, temperature=1.0, max_new_tokens=8)
     return [1 - Counter(o).most_common(1)[0][1] / len(o) for o in outs]
 
 
@@ -264,14 +264,14 @@ def disagreement(model, prompts, seed=123) -> list[float]:
                                                     ("mix", "disagreement")])
 def test_active_learning_picks_what_the_model_is_unsure_of(make_ctx, trained_model, selection, measure):
     ctx = make_ctx(level=4, model=trained_model)
-    strategy = ActiveLearning(ActiveLearningConfig(n_problems=12, pool_factor=6, level_offsets=[0], selection=selection, uncertainty=measure))
+    strategy = ActiveLearning(ActiveLearningConfig(n_problems=24, pool_factor=8, level_offsets=[0], selection=selection, uncertainty=measure))
     reseed(ctx)
     picked = strategy.acquire(ctx)["prompt"]
     reseed(ctx)
     pool = [p.prompt for p in strategy.draw_pool(ctx, 4)]
-    assert len(picked) == 12 and set(picked) <= set(pool)
+    assert len(picked) == 24 and set(picked) <= set(pool)
     unsure = dict(zip(pool, disagreement(trained_model, pool)))
-    chance = [unsure[p] for p in random.Random(7).sample(pool, 12)]
+    chance = [unsure[p] for p in random.Random(7).sample(pool, 24)]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     assert mean([unsure[p] for p in picked]) > max(mean(chance), mean(list(unsure.values()))) + 0.05
 
