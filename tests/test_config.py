@@ -38,7 +38,7 @@ def one_line_error(plugins, overrides: list[str]) -> str:
         ("filter.uncertainty.min_agreement=abc", "bad option filter.uncertainty.min_agreement='abc': Value 'abc' of type 'str' could not be converted to Float"),
         ("loop.rounds=many", "bad option loop.rounds='many'"),
         ("loop.curriculum.advance=sometimes", "bad option loop.curriculum.advance='sometimes': Invalid value 'sometimes', expected one of [paced, always]"),
-        ("loop=nope", "unknown loop 'nope'; available: default, smoke"),
+        ("loop=nope", "unknown loop 'nope'; available: dataset_smoke, default, smoke, word_problems"),
     ],
 )
 def test_wrong_types_and_unknown_presets_fail_in_one_line(plugins, override, expected):
@@ -49,10 +49,8 @@ def test_wrong_types_and_unknown_presets_fail_in_one_line(plugins, override, exp
 def test_a_misspelt_option_fails_whatever_the_plus_prefix(plugins, plus):
     # `+filter.uncertainty.min_agreemnt=0.3` used to be accepted: the run used the default
     message = one_line_error(plugins, [f"{plus}filter.uncertainty.min_agreemnt=0.3"])
-    assert message == (
-        "unknown option filter.uncertainty.min_agreemnt; valid options of filter.uncertainty: min_agreement, "
-        "require_well_formed (did you mean filter.uncertainty.min_agreement?)"
-    )
+    assert message.startswith("unknown option filter.uncertainty.min_agreemnt; valid options of filter.uncertainty: ")
+    assert message.endswith("(did you mean filter.uncertainty.min_agreement?)") and "require_well_formed" in message
     assert "did you mean loop.rounds?" in one_line_error(plugins, [f"{plus}loop.roundz=3"])
 
 
@@ -125,7 +123,9 @@ def test_reloaded_config_is_validated_again(plugins, tmp_path):
 def test_config_naming_an_uninstalled_strategy_fails_with_the_list(plugins, tmp_path):
     cfg = OmegaConf.create(OmegaConf.to_yaml(compose([], plugins.registry)))
     cfg.filter = {"semantic_dedup": {}}
-    with pytest.raises(UnknownStrategyError, match=r"unknown filter 'semantic_dedup'; installed: roundtrip, uncertainty"):
+    installed = ", ".join(plugins.registry.names("filter"))
+    assert "roundtrip, uncertainty" in installed
+    with pytest.raises(UnknownStrategyError, match=rf"unknown filter 'semantic_dedup'; installed: {installed}$"):
         Loop(cfg, RunDir(tmp_path), plugins)
 
 
