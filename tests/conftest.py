@@ -88,3 +88,19 @@ def fake_presets(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(root))
     yield
     sys.modules.pop("fake_presets", None)
+
+
+@pytest.fixture(scope="module")
+def datasets_cache(tmp_path_factory):
+    """datasets converts each file it loads into its cache: keep the tests' conversions out of
+    the user's ~/.cache (children started by the tests inherit the variable)."""
+    from pathlib import Path
+
+    import datasets
+
+    folder = str(tmp_path_factory.mktemp("hf-datasets-cache"))
+    patch = pytest.MonkeyPatch()
+    patch.setattr(datasets.config, "HF_DATASETS_CACHE", Path(folder))
+    patch.setenv("HF_DATASETS_CACHE", folder)
+    yield folder
+    patch.undo()

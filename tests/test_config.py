@@ -37,8 +37,8 @@ def one_line_error(plugins, overrides: list[str]) -> str:
     [
         ("filter.uncertainty.min_agreement=abc", "bad option filter.uncertainty.min_agreement='abc': Value 'abc' of type 'str' could not be converted to Float"),
         ("loop.rounds=many", "bad option loop.rounds='many'"),
-        ("loop.curriculum.advance=sometimes", "bad option loop.curriculum.advance='sometimes': Invalid value 'sometimes', expected one of [paced, always]"),
-        ("loop=nope", "unknown loop 'nope'; available: dataset_smoke, default, smoke, word_problems"),
+        ("loop.curriculum.advance=sometimes", "bad option loop.curriculum.advance='sometimes': Invalid value 'sometimes', expected one of [paced, always, fixed]"),
+        ("loop=nope", "unknown loop 'nope'; available: addition, dataset_smoke, default, smoke, word_problems"),
     ],
 )
 def test_wrong_types_and_unknown_presets_fail_in_one_line(plugins, override, expected):

@@ -28,18 +28,7 @@ from selfloop_plugins.tasks.answers import Answers, parse_number
 from selfloop_plugins.tasks.dataset import DatasetConfig, DatasetTask
 
 
-@pytest.fixture(scope="module", autouse=True)
-def datasets_cache(tmp_path_factory):
-    """datasets converts each file it loads into its cache: keep the tests' conversions out of
-    the user's ~/.cache (children started by the tests inherit the variable)."""
-    import datasets
-
-    folder = str(tmp_path_factory.mktemp("hf-datasets-cache"))
-    patch = pytest.MonkeyPatch()
-    patch.setattr(datasets.config, "HF_DATASETS_CACHE", Path(folder))
-    patch.setenv("HF_DATASETS_CACHE", folder)
-    yield folder
-    patch.undo()
+pytestmark = pytest.mark.usefixtures("datasets_cache")
 
 
 # -- data written by the tests ---------------------------------------------------------------

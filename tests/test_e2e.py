@@ -212,3 +212,7 @@ def test_cfg_job_shows_the_composed_config_without_running(tmp_path):
     # what the run would save: options the default loop preset sets for unselected strategies are dropped
     proc = selfloop("run", "--cfg", "job", "loop=smoke", "evaluate=[exact_match]")
     assert list(yaml.safe_load(proc.stdout)["evaluate"]) == ["exact_match"]
+    # a sweep has one config per job: one line saying so, not Hydra's traceback
+    proc = selfloop("run", "-m", "--cfg", "job", "filter=[],[uncertainty]", f"hydra.sweep.dir={tmp_path / 'never'}", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "cannot be combined with -m" in proc.stderr
+    assert not (tmp_path / "never").exists()

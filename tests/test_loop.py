@@ -266,3 +266,34 @@ def test_what_a_strategy_records_lands_in_its_stage_metrics(tmp_path):
     kept_by_uncertainty = metrics["filters"][0]["kept"]
     assert metrics["notes"]["counting"] == {"seen": kept_by_uncertainty, "backend": "exact"}
     assert "counting" not in rd.stage_metrics(1, "optimize").get("notes", {})  # notes belong to the stage that made them
+
+
+@pytest.mark.parametrize(
+    "schedule, rounds, expected",
+    [
+        # (level, promoted, kept share at level) per round 1..4 -> next level after each
+        (["loop.curriculum.advance=paced", "loop.curriculum.min_kept_fraction=0.8"],
+         [(4, True, 0.5), (4, False, 0.9), (4, True, 0.9), (5, True, 0.95)], [4, 4, 5, 6]),
+        (["loop.curriculum.advance=always", "loop.curriculum.step=2"],
+         [(4, True, 0.0), (6, False, 0.0), (6, True, 0.0), (8, True, 0.0)], [6, 6, 8, 8]),  # capped at the top level, 8
+        (["loop.curriculum.advance=fixed", "loop.curriculum.every_rounds=2"],
+         [(4, False, 0.0), (4, False, 0.0), (5, True, 0.0), (5, True, 1.0)], [4, 5, 5, 6]),  # promoted or not
+    ],
+)
+def test_pacing_schedules_advance_as_documented(tmp_path, monkeypatch, schedule, rounds, expected):
+    loop, rd = run_with(tmp_path, {}, [*schedule, "task.reversal.max_level=8", "loop.bootstrap.levels=[1,2,3]", "loop.curriculum.start_level=4"])
+    records, got = [{"round": 0, "level": None}], []
+    monkeypatch.setattr(rd, "records", lambda: list(records))
+    assert loop.next_level(None, 0, True, None) == 4
+    for round_, (level, promoted, kept) in enumerate(rounds, start=1):
+        got.append(loop.next_level(level, round_, promoted, {"kept_fraction_at_level": kept}))
+        records.append({"round": round_, "level": level})
+    assert got == expected
+
+
+def test_pacing_options_are_checked_at_composition(tmp_path):
+    from selfloop.errors import OptionError
+
+    for bad in ("loop.curriculum.every_rounds=0", "loop.curriculum.step=0"):
+        with pytest.raises(OptionError, match=bad.split("=")[0]):
+            run_with(tmp_path, {}, [bad])

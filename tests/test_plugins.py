@@ -144,3 +144,13 @@ def test_plugins_lists_presets_of_installed_packages(fake_presets):
     summary = plugins_summary()
     assert {"name": "fake", "package": "fake_presets", "distribution": "fake-presets", "version": "0.3", "presets": ["loop/tight"]} in summary["presets"]
 
+
+
+def test_an_in_process_plugin_that_is_also_installed_is_registered_once():
+    # a contract suite passes the installed module again, as an in-process plugin
+    import selfloop_plugins.filter.dedup as installed
+
+    from selfloop.plugins import load_plugins
+
+    plugins = load_plugins(extra={"under_test": installed}, strict=True)
+    assert "dedup" in plugins.registry.names("filter") and "under_test" not in plugins.info

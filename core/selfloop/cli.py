@@ -97,6 +97,9 @@ def cmd_run(overrides: list[str]) -> int:
     plugins = load_plugins()
     args = get_args_parser().parse_known_args(overrides)[0]
     check_override_names(args.overrides, plugins.registry)
+    if args.multirun and args.cfg:
+        return _fail(f"--cfg {args.cfg} prints one run's config and cannot be combined with -m/--multirun; "
+                     "give one value per option (e.g. the sweep's first) to see that job's config")
     if not args.multirun:
         # everything is validated here, in under a second and before Hydra creates a directory
         cfg = compose(args.overrides, plugins.registry)

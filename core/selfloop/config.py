@@ -28,8 +28,9 @@ PRIMARY = "config"
 class Advance(str, Enum):
     """How the curriculum moves to the next difficulty level."""
 
-    paced = "paced"  # only when enough of this level's problems passed the filters
-    always = "always"  # one level per promoted round, ready or not
+    paced = "paced"  # after a promoted round in which enough of this level's problems passed the filters
+    always = "always"  # after every promoted round, ready or not
+    fixed = "fixed"  # every `every_rounds` rounds at a level, promoted or not (a fixed pacing function)
 
 
 def _require(ok: bool, option: str, value: Any, accepted: str) -> None:
@@ -64,10 +65,16 @@ class CurriculumConfig:
     advance: Advance = Advance.paced
     # paced: the share of a round's acquired rows that must pass the filters to advance.
     min_kept_fraction: float = 0.8
+    # fixed: rounds spent at each level before it advances
+    every_rounds: int = 1
+    # task levels climbed per advance (capped at max_level)
+    step: int = 1
     max_level: Optional[int] = None
 
     def __post_init__(self):
         _require(0.0 <= self.min_kept_fraction <= 1.0, "loop.curriculum.min_kept_fraction", self.min_kept_fraction, "a number in [0, 1]")
+        _require(self.every_rounds >= 1, "loop.curriculum.every_rounds", self.every_rounds, "an integer >= 1")
+        _require(self.step >= 1, "loop.curriculum.step", self.step, "an integer >= 1")
 
 
 @dataclass

@@ -250,8 +250,22 @@ class RunContext:
             if not self.run_dir.is_complete(round_, "optimize") or not path.is_dir():
                 raise SelfloopError(f"round {round_} has no trained model in {self.run_dir.root}")
             self.run_dir.verify(round_, "optimize")
-            return ModelHandle.load(path, device=self.device)
+            return self.reload_model(path)
         return ModelHandle.load(source, device=self.device)
+
+    def reload_model(self, path: Path) -> ModelHandle:
+        """A model this run saved, through the model provider's ``load`` (its device and
+        generation backend); providers without one get ``ModelHandle.load``."""
+        from selfloop.model import ModelHandle
+
+        provider = next(iter(self.strategies.get("model", [])), None)
+        load = getattr(provider, "load", None)
+        if callable(load):
+            from selfloop.errors import blame
+
+            with blame(f"model provider {getattr(provider, 'name', provider)!r}"):
+                return load(self, path)
+        return ModelHandle.load(path, device=self.device)
 
     def strategy(self, kind: str, name: str) -> Any:
         """Another configured strategy by name (e.g. an evaluator used as a filter criterion)."""

@@ -285,10 +285,8 @@ class Loop:
         return self.load_model(state.incumbent_round)
 
     def load_model(self, round_: int):
-        from selfloop.model import ModelHandle
-
         self.run_dir.verify(round_, "optimize")
-        return ModelHandle.load(self.run_dir.stage_dir(round_, "optimize") / "model", device=self.ctx.device)
+        return self.ctx.reload_model(self.run_dir.stage_dir(round_, "optimize") / "model")
 
     def stage(self, name: str, compute: Callable[[], tuple[dict[str, Any], Callable | None]]) -> dict[str, Any]:
         """Run one stage unless already complete; write outputs atomically; return metrics."""
@@ -562,11 +560,15 @@ class Loop:
         cur = self.run.loop.curriculum
         if round_ == 0:
             return cur.start_level
-        ready = cur.advance == Advance.always or (filt is not None and filt["kept_fraction_at_level"] >= cur.min_kept_fraction)
+        if cur.advance == Advance.fixed:
+            at_level = 1 + sum(1 for r in self.run_dir.records() if r["round"] > 0 and r.get("level") == level and r["round"] < round_)
+            ready = at_level >= cur.every_rounds
+        else:
+            ready = promoted and (cur.advance == Advance.always or (filt is not None and filt["kept_fraction_at_level"] >= cur.min_kept_fraction))
         levels = list(self.ctx.task.levels)
         top = min(cur.max_level or levels[-1], levels[-1])
         above = [v for v in levels if level < v <= top]
-        return above[0] if promoted and ready and above else level
+        return above[min(cur.step, len(above)) - 1] if ready and above else level
 
     def precision(self, data, refs: dict[str, str | None] | None = None) -> float | None:
         """Share of pseudo-labels that match ground truth (meta-evaluation, never fed back)."""

@@ -136,7 +136,10 @@ def load_plugins(extra: dict[str, object] | None = None, strict: bool | None = N
             report(plugin, f"failed to import {ep.value}: {type(exc).__name__}: {exc}")
             continue
         candidates.append((ep.name, module, dist, version, ep.value))
+    installed = {id(module) for _, module, *_ in candidates}
     for name, obj in (extra or {}).items():
+        if id(obj) in installed:  # already registered through its entry point (a contract suite run where it is installed)
+            continue
         info[name] = PluginInfo(name, None, None, getattr(obj, "__name__", repr(obj)))
         candidates.append((name, obj, None, None, info[name].module))
 

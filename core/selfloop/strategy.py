@@ -132,6 +132,13 @@ class ModelProvider(Strategy):
     def build(self, ctx: RunContext) -> ModelHandle:
         raise NotImplementedError
 
+    def load(self, ctx: RunContext, path) -> ModelHandle:
+        """A model this run saved (a round's candidate), reloaded to evaluate, promote or
+        resume. Override to load onto another device or generation backend."""
+        from selfloop.model import ModelHandle
+
+        return ModelHandle.load(path, device=ctx.device)
+
 
 class Acquirer(Strategy):
     """Stage 1: produce candidate training rows."""

@@ -189,6 +189,7 @@ class GRPO(Optimizer):
         from datasets import Dataset
         from selfloop.errors import StarvedRound
         from selfloop.training import train
+        from selfloop_plugins.models.vllm import trl_vllm_args
         from selfloop_plugins.optimize._shared import finish, max_new_tokens, train_bootstrap, trainer_args
         from trl import GRPOConfig as TRLConfig
         from trl import GRPOTrainer
@@ -222,6 +223,7 @@ class GRPO(Optimizer):
             max_completion_length=max_new_tokens(ctx, columns["difficulty"]), temperature=c.temperature, beta=c.beta, loss_type=c.loss_type,
             scale_rewards=c.scale_rewards, reward_weights=list(c.reward_weights) or None, learning_rate=c.learning_rate,
             lr_scheduler_type=c.lr_scheduler, warmup_steps=int(c.warmup_ratio * c.max_steps), max_grad_norm=c.max_grad_norm,
+            **trl_vllm_args(ctx),  # model=vllm: rollouts through TRL's vLLM integration
         )
         candidate.model.train()
         trainer = GRPOTrainer(model=candidate.model, reward_funcs=self.reward_functions(ctx, candidate), args=args,

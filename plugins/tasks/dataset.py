@@ -26,6 +26,7 @@ from selfloop import hookimpl
 from selfloop.errors import OptionError, SelfloopError
 from selfloop.strategy import Problem, Task
 from selfloop_plugins.tasks.answers import CHECKERS, EXTRACTORS, Answers, parse_number
+from selfloop_plugins.tasks.difficulty import ESTIMATES, MODEL_ESTIMATES
 from selfloop_plugins.tasks.tables import (
     OPTION,
     Rows,
@@ -33,9 +34,12 @@ from selfloop_plugins.tasks.tables import (
     column,
     difficulties,
     first_row,
+    bands,
     group_by_level,
     hold_out,
     open_source,
+    prompt_lengths,
+    quantile_thresholds,
     reference_strings,
     text_column,
 )
@@ -79,6 +83,14 @@ class DatasetConfig:
     with_replacement: bool = False
     # null: the longest reference of the level + 2
     max_new_tokens: Optional[int] = None
+    # levels without a difficulty column (docs/data.md, "Difficulty without a difficulty
+    # column"): none (every row level 1) | length (quantiles of prompt length) | loss |
+    # agreement (the incumbent model scores pool rows each round; round 0 uses length)
+    difficulty_estimate: str = "none"
+    difficulty_levels: int = 5  # K quantile levels
+    # loss/agreement: pool rows scored per row still wanted at the asked level
+    estimate_candidates: float = 5.0
+    estimate_samples: int = 4  # agreement: samples per scored row (temperature 0.7)
 
     def __post_init__(self):
         if self.extractor not in EXTRACTORS:
@@ -107,6 +119,25 @@ class DatasetConfig:
         for option in ("path", "prompt_column", "split"):
             if not isinstance(getattr(self, option), str):
                 raise OptionError(option, getattr(self, option), "text")
+        self._check_estimate()
+
+    def _check_estimate(self) -> None:
+        estimate = self.difficulty_estimate
+        if estimate not in ESTIMATES:
+            raise OptionError("difficulty_estimate", estimate, " | ".join(ESTIMATES))
+        if estimate != "none" and self.difficulty_column is not None:
+            raise OptionError("difficulty_estimate", estimate,
+                              f"none while task.dataset.difficulty_column={self.difficulty_column!r} gives the levels "
+                              f"(set task.dataset.difficulty_column or task.dataset.difficulty_estimate, not both)")
+        levels = self.difficulty_levels
+        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+            raise OptionError("difficulty_levels", levels, "an integer >= 2 (the number of quantile levels)")
+        if estimate == "none" and levels != 5:
+            raise OptionError("difficulty_levels", levels, "the default (5) unless task.dataset.difficulty_estimate is set: without it no levels are estimated")
+        if not (math.isfinite(self.estimate_candidates) and self.estimate_candidates >= 1):
+            raise OptionError("estimate_candidates", self.estimate_candidates, "a number >= 1 (pool rows scored per row wanted)")
+        if isinstance(self.estimate_samples, bool) or not isinstance(self.estimate_samples, int) or self.estimate_samples < 2:
+            raise OptionError("estimate_samples", self.estimate_samples, "an integer >= 2 (one sample always agrees with itself)")
 
 
 @dataclass
@@ -119,6 +150,8 @@ class Loaded:
     longest_prompt: int
     longest_reference: dict  # level -> characters
     eval_has_references: bool
+    # difficulty_estimate != none: the prompt-length cut points of the levels (from the pool)
+    length_thresholds: Optional[list] = None
 
 
 # -- the task --------------------------------------------------------------------------------------
@@ -139,6 +172,8 @@ class DatasetTask(Task):
         self._loaded: Loaded | None = None
         self._ctx = None
         self._excluded: tuple[Any, dict[int, set[int]]] | None = None
+        self._estimates: tuple[Any, Any] = (None, None)  # (the stage's artifacts dict, Estimates)
+        self._pool_rows = None
         self._reported: tuple[Any, set[str]] = (None, set())
 
     # -- loading -----------------------------------------------------------------------------
@@ -161,6 +196,7 @@ class DatasetTask(Task):
     def _load(self) -> Loaded:
         c = self.config
         pool, labelled, evaluation = self._splits()
+        thresholds = self._bin_by_length(pool, labelled, evaluation) if c.difficulty_estimate != "none" else None
         chars, longest_prompt, longest_ref = self._measure(pool, labelled, evaluation)
         if c.checker == "numeric":
             chars |= set("0123456789-.")
@@ -169,6 +205,7 @@ class DatasetTask(Task):
             pool=pool, labelled=labelled, eval=evaluation, levels=[int(v) for v in levels], alphabet="".join(sorted(chars)),
             longest_prompt=longest_prompt, longest_reference=longest_ref,
             eval_has_references=evaluation.references is not None and c.checker != "none",
+            length_thresholds=thresholds,
         )
         self._check_references(loaded)
         return loaded
@@ -221,6 +258,28 @@ class DatasetTask(Task):
         if not labelled.size():
             raise SelfloopError(f"{name}: no labelled rows for the bootstrap (labelled_size={c.labelled_size:g}); raise it or give task.dataset.labelled_path")
         return pool, labelled, evaluation
+
+    def _bin_by_length(self, pool: Rows, *others: Rows) -> list:
+        """Every split's rows regrouped into quantile levels of prompt length (characters),
+        with cut points from the pool's prompts: labelled and eval rows of a length get the
+        pool's level for it. The splits themselves are today's (all rows were level 1)."""
+        import numpy as np
+
+        lengths: dict[int, Any] = {}
+
+        def of(split: Rows):
+            if id(split.data) not in lengths:
+                lengths[id(split.data)] = prompt_lengths(split.prompts)
+            return lengths[id(split.data)]
+
+        def rows(split: Rows):
+            parts = [split.by_level[lv] for lv in sorted(split.by_level)]
+            return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+
+        thresholds = quantile_thresholds(of(pool)[rows(pool)], self.config.difficulty_levels)
+        for split in (pool, *others):
+            split.by_level = group_by_level(rows(split), bands(of(split), thresholds))
+        return thresholds
 
     def _measure(self, *splits: Rows) -> tuple[set[str], int, dict[int, int]]:
         """The characters of prompts (through the template) and references, the longest
@@ -288,6 +347,7 @@ class DatasetTask(Task):
             ctx.warn(self.name, f"the eval split has no rows at level(s) {missing}: evaluation there draws from the unlabelled pool")
         if loaded.eval.references is None and c.checker != "none":
             ctx.warn(self.name, f"the eval split has no column {c.reference_column!r}: no meta-evaluation exists for this run")
+        self._setup_estimate(ctx)
         positions = OmegaConf.select(ctx.cfg, "model.tiny.n_positions", default=None)
         if positions is not None:
             need = loaded.longest_prompt + 1 + max(self.max_new_tokens(lv) for lv in loaded.levels)
@@ -296,6 +356,19 @@ class DatasetTask(Task):
                     f"model.tiny.n_positions={positions} is too short for task.dataset: its longest prompt is {loaded.longest_prompt} characters "
                     f"through the template and answers take up to {need - loaded.longest_prompt - 1} more; set model.tiny.n_positions={need} or more"
                 )
+
+    def _setup_estimate(self, ctx) -> None:
+        c, loaded = self.config, self.loaded
+        if c.difficulty_estimate == "none":
+            return
+        ctx.log.info("task.dataset: difficulty_estimate=%s: %d levels; prompt-length cut points %s", c.difficulty_estimate,
+                     len(loaded.levels), loaded.length_thresholds)
+        if len(loaded.levels) < c.difficulty_levels:
+            ctx.warn(self.name, f"difficulty_levels={c.difficulty_levels}: the pool's prompt lengths have too few distinct values for "
+                                f"{c.difficulty_levels} quantile levels; using {len(loaded.levels)}")
+        if c.difficulty_estimate in MODEL_ESTIMATES and ctx.run.loop.rounds < 1:
+            ctx.warn(self.name, f"difficulty_estimate={c.difficulty_estimate} scores rows with the incumbent model from round 1 on, "
+                                f"and loop.rounds=0: the levels stay prompt-length bins")
 
     @property
     def has_references(self) -> bool:  # type: ignore[override]
@@ -335,32 +408,49 @@ class DatasetTask(Task):
 
     def sample_labelled(self, rng, level: int, n: int) -> list[Problem]:
         """Up to ``n`` labelled rows of ``level`` (all of them when fewer): the bootstrap."""
+        self._note_length_levels(self._ctx)
         return self._draw(rng, self.loaded.labelled, level, n, references=True)
 
     def sample(self, rng, level: int, n: int) -> list[Problem]:
         """Unlabelled problems of ``level``: from the pool during the acquire stage (never a
         row acquired in an earlier round) and outside a run; from the eval split for every
-        other caller in a run (evaluators, filters that need held-out prompts)."""
+        other caller in a run (evaluators, filters that need held-out prompts). With
+        ``difficulty_estimate=loss|agreement`` an acquire stage after round 0 picks the pool
+        rows the incumbent model places at ``level``."""
         ctx = self._ctx
         stage = getattr(ctx, "stage", "") if ctx is not None else ""
         loaded = self.loaded
         with_refs = self.config.checker != "none"
         if stage and stage != "acquire" and loaded.eval.count(level):
             return self._draw(rng, loaded.eval, level, n, with_refs)
+        if stage == "acquire" and self.model_estimated and ctx.round >= 1:
+            return self._acquire_estimated(ctx, rng, level, n, with_refs)
+        if stage == "acquire":
+            self._note_length_levels(ctx)
         if stage != "acquire" or self.config.with_replacement:
             return self._draw(rng, loaded.pool, level, n, with_refs)
         return self._acquire(ctx, rng, level, n, with_refs)
 
+    @property
+    def model_estimated(self) -> bool:
+        return self.config.difficulty_estimate in MODEL_ESTIMATES
+
+    def _note_length_levels(self, ctx) -> None:
+        """Record the prompt-length levels a stage drew by (round 0 of loss/agreement too)."""
+        c = self.config
+        if c.difficulty_estimate == "none" or ctx is None or getattr(ctx, "stage", "") != "acquire" or not hasattr(ctx, "record"):
+            return
+        note = {"estimate": c.difficulty_estimate, "levels_from": "prompt length (characters)", "thresholds": self.loaded.length_thresholds}
+        if self.model_estimated:
+            note["levels_from"] += ": no incumbent model before round 1"
+        ctx.record(self.name, difficulty=note)
+
     # -- the pool, without replacement across rounds ----------------------------------------
-    def _acquire(self, ctx, rng, level: int, n: int, with_refs: bool) -> list[Problem]:
+    @staticmethod
+    def _pick(rng, candidates, excluded: set, n: int) -> list[int]:
+        """Up to ``n`` distinct rows of ``candidates`` not in ``excluded`` (a subset of them)."""
         import numpy as np
 
-        pool = self.loaded.pool
-        earlier, now = self._acquired_before(ctx), self._drawn_now(ctx)
-        if not self._remaining(ctx, earlier, now):
-            return self._stop(ctx)
-        candidates = pool.by_level.get(level, np.zeros(0, dtype=np.int32))
-        excluded = earlier.get(level, set()) | now.get(level, set())
         left = len(candidates) - len(excluded)
         if n < left and len(excluded) * 2 <= len(candidates):  # mostly unused: a rejection draw, O(n)
             picked, seen = [], set()
@@ -369,30 +459,140 @@ class DatasetTask(Task):
                 if row not in excluded and row not in seen:
                     seen.add(row)
                     picked.append(row)
-        else:
-            keep = np.setdiff1d(candidates, np.fromiter(excluded, dtype=np.int64, count=len(excluded)), assume_unique=True)
-            picked = [int(keep[i]) for i in rng.sample(range(len(keep)), min(n, len(keep)))]
+            return picked
+        keep = np.setdiff1d(candidates, np.fromiter(excluded, dtype=np.int64, count=len(excluded)), assume_unique=True)
+        return [int(keep[i]) for i in rng.sample(range(len(keep)), min(n, len(keep)))]
+
+    def _acquire(self, ctx, rng, level: int, n: int, with_refs: bool) -> list[Problem]:
+        import numpy as np
+
+        pool = self.loaded.pool
+        earlier, now = self._acquired_before(ctx), self._drawn_now(ctx)
+        if not self._remaining(ctx, earlier, now):
+            return self._stop(ctx)
+        candidates = pool.by_level.get(level, np.zeros(0, dtype=np.int32))
+        picked = self._pick(rng, candidates, earlier.get(level, set()) | now.get(level, set()), n)
         problems = self._problems(pool, picked, level, with_refs)
         self._record_drawn(ctx, level, picked, problems)
-        remaining = self._remaining(ctx, earlier, self._drawn_now(ctx))
-        if not remaining:
-            ctx.warn(self.name, f"round {ctx.round} took the last unacquired pool rows at levels >= {ctx.level}: the next round stops")
-        elif len(picked) < n:
-            ctx.warn(self.name, f"the unlabelled pool has no more rows at level {level} (asked for {n}, got {len(picked)}); {remaining} rows remain at levels >= {ctx.level}")
+        self._warn_short(ctx, earlier, level, n, len(picked))
         return problems
 
+    def _warn_short(self, ctx, earlier: dict, level: int, n: int, got: int, why: str = "") -> None:
+        remaining = self._remaining(ctx, earlier, self._drawn_now(ctx))
+        where = "" if self.model_estimated else f" at levels >= {ctx.level}"
+        if not remaining and not self.config.with_replacement:
+            ctx.warn(self.name, f"round {ctx.round} took the last unacquired pool rows{where}: the next round stops")
+        elif got < n:
+            ctx.warn(self.name, why or f"the unlabelled pool has no more rows at level {level} (asked for {n}, got {got}); {remaining} rows remain{where}")
+
+    def _acquire_estimated(self, ctx, rng, level: int, n: int, with_refs: bool) -> list[Problem]:
+        """Pool rows whose model-estimated difficulty falls in ``level``'s quantile band.
+
+        Rows scored by earlier draws of this stage and still free come first; for the rest,
+        ``estimate_candidates`` x the rows still wanted are drawn from the unacquired pool and
+        scored. The band cut points are fixed by the stage's first scoring (quantiles of its
+        scores), so every level asked for in a round is cut the same way. Rows not taken stay
+        in the pool: only taken rows enter drawn.json.
+        """
+        import math
+
+        c, pool = self.config, self.loaded.pool
+        est = self._estimates_of(ctx)
+        earlier = {} if c.with_replacement else self._acquired_before(ctx)
+        excluded = set().union(*earlier.values(), *self._drawn_now(ctx).values())
+        if not c.with_replacement and not self._remaining(ctx, earlier, self._drawn_now(ctx)):
+            return self._stop(ctx)
+        if level not in self.levels:
+            return []
+        taken = [row for row in est.scores if row not in excluded and est.band(row) == level][:n]
+        fresh: list[int] = []
+        if len(taken) < n:
+            want = math.ceil(c.estimate_candidates * (n - len(taken)))
+            if est.thresholds is None:  # the cut points need a few scores per band
+                want = max(want, 4 * len(self.levels))
+            fresh = self._pick(rng, self._all_pool_rows(), excluded | set(est.scores), want)
+            self._score(ctx, est, fresh)
+            taken += [row for row in fresh if est.band(row) == level][: n - len(taken)]
+        problems = self._problems(pool, taken, level, with_refs)
+        self._record_drawn(ctx, level, taken, problems)
+        est.drawn_by_level[level] = est.drawn_by_level.get(level, 0) + len(taken)
+        ctx.save_artifact(self.name, "difficulty.json", est.artifact())
+        ctx.record(self.name, difficulty=est.summary())
+        short = (f"difficulty_estimate={c.difficulty_estimate}: level {level}'s band held {len(taken)} of the rows scored this round "
+                 f"({len(fresh)} new); drew {len(taken)} of the {n} asked for (raise task.dataset.estimate_candidates to score more)")
+        self._warn_short(ctx, earlier, level, n, len(taken), short)
+        return problems
+
+    def _all_pool_rows(self):
+        import numpy as np
+
+        if self._pool_rows is None:
+            parts = list(self.loaded.pool.by_level.values())
+            self._pool_rows = np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int32)
+        return self._pool_rows
+
+    def _estimates_of(self, ctx):
+        """This stage's estimates (a new stage, or a resumed one, starts empty; its resume
+        cache is read from the stage's checkpoint folder)."""
+        from selfloop_plugins.tasks.difficulty import Estimates, load_cache
+
+        stage, est = self._estimates
+        if stage is not ctx.artifacts:
+            est = Estimates(self.config.difficulty_estimate, self.levels, load_cache(ctx.checkpoint_dir, self.config.difficulty_estimate))
+            self._estimates = (ctx.artifacts, est)
+        return est
+
+    def _score(self, ctx, est, rows: list[int]) -> None:
+        """Score ``rows`` with the incumbent (or read a resumed stage's cache) and fix the
+        band cut points at the stage's first scoring."""
+        from selfloop.context import stage_seed
+        from selfloop_plugins.tasks.difficulty import save_cache, score_batch
+
+        c = self.config
+        batch, est.batches = est.batches, est.batches + 1
+        if not rows:
+            return
+        if all(row in est.cache for row in rows):
+            scores = [est.cache[row] for row in rows]
+            est.cached_rows += len(rows)
+        else:
+            model = ctx.model
+            if model is None or not callable(getattr(model, "generate", None)):
+                raise SelfloopError(f"task.dataset.difficulty_estimate={c.difficulty_estimate} scores pool rows with the incumbent model, "
+                                    f"but round {ctx.round}'s acquire stage has none (ctx.model={model!r})")
+            pool = self.loaded.pool
+            prompts = [self.render(pool.prompt(row)) for row in rows]
+            tokens = max(self.max_new_tokens(lv) for lv in self.levels)
+            scores, generated = score_batch(model, prompts, c.difficulty_estimate, c.estimate_samples, tokens, self.answers.extract,
+                                            stage_seed(ctx.seed, ctx.round, f"difficulty-{batch}"), f"difficulty round {ctx.round}")
+            est.scored_rows += len(rows)
+            est.generations += generated
+            est.cache.update(zip(rows, scores))
+            save_cache(ctx.checkpoint_dir, c.difficulty_estimate, est.cache)
+        est.scores.update(zip(rows, scores))
+        if est.thresholds is None:
+            est.thresholds = quantile_thresholds(scores, len(self.levels))
+            if len(est.thresholds) < len(self.levels) - 1:
+                ctx.warn(self.name, f"difficulty_estimate={c.difficulty_estimate}: round {ctx.round}'s first {len(rows)} scores have too few "
+                                    f"distinct values for {len(self.levels)} levels; the top levels get no rows this round")
+
     def _remaining(self, ctx, earlier: dict, now: dict) -> int:
-        """Unacquired pool rows at the levels the curriculum can still reach (>= its level);
-        earlier rounds' rows and this stage's draws are disjoint (a draw excludes both)."""
+        """Unacquired pool rows at the levels the curriculum can still reach (>= its level;
+        every level with model-estimated levels, which change each round); earlier rounds'
+        rows and this stage's draws are disjoint (a draw excludes both)."""
         pool = self.loaded.pool
+        if self.model_estimated:
+            return pool.size() - len(set().union(*earlier.values(), *now.values()))
         return sum(pool.count(lv) - len(earlier.get(lv, ())) - len(now.get(lv, ())) for lv in self.levels if lv >= ctx.level)
 
     def _stop(self, ctx) -> list[Problem]:
         """Nothing left to acquire: stop the run after this (empty) acquire stage. Asked only
         now, not when the last rows were drawn, so the round that drew them still trains."""
-        total = sum(self.loaded.pool.count(lv) for lv in self.levels if lv >= ctx.level)
+        reachable = self.levels if self.model_estimated else [lv for lv in self.levels if lv >= ctx.level]
+        total = sum(self.loaded.pool.count(lv) for lv in reachable)
+        where = "" if self.model_estimated else f" at levels >= {ctx.level}"
         ctx.request_stop(
-            f"task.dataset: the unlabelled pool is exhausted: all {total} rows at levels >= {ctx.level} were acquired in earlier rounds; "
+            f"task.dataset: the unlabelled pool is exhausted: all {total} rows{where} were acquired in earlier rounds; "
             f"add rows to {self.config.path} or set task.dataset.with_replacement=true"
         )
         return []
@@ -478,9 +678,13 @@ class DatasetTask(Task):
         return self.answers.well_formed(answer)
 
     def max_new_tokens(self, level: int) -> int:
+        """The configured bound; else the longest reference of the level + 2 (of every level
+        with model-estimated levels: a row's band is not its prompt-length level)."""
         if self.config.max_new_tokens is not None:
             return self.config.max_new_tokens
         longest = self.loaded.longest_reference
+        if self.model_estimated:
+            return max(longest.values(), default=30) + 2
         return (longest.get(level) or max(longest.values(), default=30)) + 2
 
 

@@ -305,3 +305,34 @@ def hold_out(diff, eligible, size: float, seed: int, exclude=None) -> dict:
     return {lv: groups[lv][:q].copy() for lv, q in wanted.items() if q}
 
 
+
+
+# -- difficulty without a difficulty column ----------------------------------------------------
+def prompt_lengths(col):
+    """Characters per prompt, as a NumPy array (one vectorized pass over the Arrow column)."""
+    import pyarrow.compute as pc
+
+    return pc.utf8_length(col).to_numpy(zero_copy_only=False)
+
+
+def quantile_thresholds(values, k: int) -> list:
+    """Cut points splitting ``values`` into up to ``k`` quantile bands, band j holding the
+    values in (t[j-1], t[j]]. The cut points are data values (numpy's ``lower`` quantiles),
+    distinct and below the largest value, so every band holds at least one of ``values``;
+    heavy ties (few distinct values) give fewer than ``k`` bands."""
+    import numpy as np
+
+    values = np.asarray(values)
+    if not len(values):
+        return []
+    cuts = np.quantile(values, [j / k for j in range(1, k)], method="lower")
+    top = values.max()
+    return sorted({c.item() for c in cuts if c < top})
+
+
+def bands(values, thresholds: list):
+    """The band (1-based level) of each value under ``quantile_thresholds``' cut points."""
+    import numpy as np
+
+    cuts = np.asarray(thresholds, dtype=np.float64)
+    return (1 + np.searchsorted(cuts, np.asarray(values, dtype=np.float64), side="left")).astype(np.int32)

@@ -14,7 +14,7 @@ from selfloop.testing import EvaluatorContract, FilterContract
 from selfloop_sandbox.code_exec import CodeExecEval, CodeExecEvalConfig, CodeExecFilter, CodeExecFilterConfig
 from selfloop_sandbox.task import value
 
-TASK = ["task=make_number"]
+TASK = ["task=make_number", "filter=[code_exec]"]  # roundtrip (a default filter) needs an inverse this task lacks
 
 
 class TestFilterContract(FilterContract):

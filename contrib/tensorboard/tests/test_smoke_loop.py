@@ -10,7 +10,7 @@ from tb_support import curves
 import selfloop_tensorboard as tb
 
 # The smoke loop with fewer training steps (about 4x faster): this checks logging, not learning.
-FAST = ["loop.bootstrap.optimize.sft.max_steps=60", "optimize.sft.max_steps=10"]
+FAST = ["loop.bootstrap.optimize.sft.max_steps=60", "optimize.sft.max_steps=10", "filter=[]"]  # so a weak model still trains every round
 
 
 def expected(record: dict) -> dict[str, float]:
