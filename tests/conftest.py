@@ -17,6 +17,15 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # what the selfloop command does before torch loads: idle OpenMP threads sleep instead of
 # spinning, so tests beside other CPU-bound work slow down by a share, not by 4x
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# `pytest -n N` (pytest-xdist, the README's command): N workers share the cores, so each gets its
+# share of threads; the runs its tests start inherit it
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    from selfloop.threads import cores
+
+    os.environ["OMP_NUM_THREADS"] = str(max(1, cores() // _WORKERS))
+    if "torch" in sys.modules:  # imported before this file (by a plugin): too late for the variable
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)

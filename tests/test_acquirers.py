@@ -170,11 +170,18 @@ def solve(task, prompt: str) -> str:
     """Ground truth computed here, independently of the task."""
     if task.name == "reversal":
         return prompt[:-1][::-1]
+    if task.config.index_hints:  # "k2l1+k9l3=": digits at odd places, places counted from the first letter
+        left, right = prompt[:-1].split("+")
+        a, b = (int(x[1::2][::-1]) for x in (left, right))
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        start = letters.index(left[0])
+        return "".join(letters[(start + i) % 26] + d for i, d in enumerate(str(a + b)[::-1]))
     a, b = (int(x[::-1]) for x in prompt[:-1].split("+"))
     return str(a + b)[::-1]
 
 
-@pytest.mark.parametrize("task", [Reversal(), Addition(), Addition(AdditionConfig(max_level=4))], ids=["reversal", "addition", "addition-max4"])
+@pytest.mark.parametrize("task", [Reversal(), Addition(), Addition(AdditionConfig(max_level=4)), Addition(AdditionConfig(index_hints=True))],
+                         ids=["reversal", "addition", "addition-max4", "addition-hints"])
 def test_perturb_returns_valid_nearby_problems(task):
     rng = random.Random(0)
     for level in task.levels:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selfloop.compare import MARKER, assign_labels, cmd_compare, compare, load_run, print_tables
+from selfloop.compare import MARKER, assign_labels, cmd_compare, compare, load_run, print_tables, tracking
 from selfloop.errors import SelfloopError
 
 TASK_OPTIONS = {"reversal": {"max_level": 48, "alphabet": "0123456789"}, "addition": {"max_level": 10}}
@@ -308,6 +308,9 @@ def test_labels_fall_back_to_config_differences_then_directory_names(tmp_path):
     assert labels(g, h) == ["filter=[uncertainty,roundtrip] loop=smoke", "filter=[roundtrip,uncertainty]"]
     # the same settings twice: told apart by directory
     assert labels(c, d, f) == ["seed=0 [c]", "seed=0 [d]", "seed=1"]
+    # an empty chain is saved as `filter: null`; it reads as written
+    i = write_run(tmp_path / "i", overrides=["filter=[]"], records=climbing(5), config={"seed": 0, "task": {"reversal": {}}, "filter": None})
+    assert labels(i, h) == ["filter=[]", "filter=[roundtrip,uncertainty]"]
 
 
 def test_compare_imports_no_torch(sweep, tmp_path):
@@ -323,3 +326,31 @@ def test_compare_imports_no_torch(sweep, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stdout
     assert (tmp_path / "out" / "frontier.png").exists()
+
+
+def test_tracking_ranks_each_gate_evaluator_against_the_candidates_ground_truth(tmp_path):
+    """`agree` rises with the truth, `flatter` falls as it rises: pooled Spearman +1 and -1,
+    over every candidate (the rejected one too), on the levels the gate weighed only."""
+    runs = []
+    for seed, truths in ((0, [0.2, 0.5, 0.7, 0.4]), (1, [0.1, 0.6, 0.3, 0.8])):
+        recs = climbing(8, rounds=len(truths))
+        for rec, truth in zip(recs[1:], truths):
+            # the gate weighs levels <= rec["level"]; a level above it must not count
+            rec["candidate_meta"] = {"exact_match": {str(lvl): truth for lvl in range(1, rec["level"] + 1)} | {str(lvl): 1 - truth for lvl in range(rec["level"] + 1, rec["level"] + 11)}}
+            rec["gate"] = {"agree": {"candidate": truth + 0.01, "incumbent": 0.5}, "flatter": {"candidate": 1 - truth, "incumbent": 0.5}}
+        recs[2]["promoted"] = False  # a rejected candidate is ranked like any other
+        recs[3]["starved"], recs[3]["gate"] = True, {}  # a starved round has no candidate: skipped
+        runs.append(write_run(tmp_path / "sweep" / str(seed), overrides=[f"seed={seed}"], records=recs))
+    comparison = compare([tmp_path / "sweep"])
+    (group,) = comparison.groups
+    by_name = {t["evaluator"]: t for t in tracking(group)}
+    assert by_name["agree"]["candidates"] == 6 and by_name["agree"]["runs"] == 2
+    assert by_name["agree"]["spearman"] == pytest.approx(1.0)
+    assert by_name["flatter"]["spearman"] == pytest.approx(-1.0)
+    assert by_name["agree"]["by_run"] == {"seed=0": None, "seed=1": None}  # 3 candidates each: too few for a rho
+    md = (comparison.out_dir / "comparison.md").read_text()
+    assert "Does the label-free gate track the truth?" in md
+    rows = md_rows(md)
+    assert rows["agree"][1:4] == ["6", "2", "1.00"] and rows["flatter"][3] == "-1.00"
+    saved = json.loads((comparison.out_dir / "comparison.json").read_text())
+    assert saved["groups"][0]["tracking"][0]["spearman"] == pytest.approx(1.0)

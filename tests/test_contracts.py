@@ -20,7 +20,7 @@ from selfloop_plugins.filter.uncertainty import Uncertainty, UncertaintyConfig
 from selfloop_plugins.models.tiny import Tiny, TinyConfig
 from selfloop_plugins.optimize.sft import SFT, SFTConfig
 from selfloop_plugins.refine.self_consistency import SelfConsistency
-from selfloop_plugins.tasks.addition import Addition
+from selfloop_plugins.tasks.addition import Addition, AdditionConfig
 from selfloop_plugins.tasks.reversal import Reversal
 
 
@@ -34,6 +34,12 @@ class TestAddition(TaskContract):
     @pytest.fixture
     def strategy(self):
         return Addition()
+
+
+class TestAdditionWithIndexHints(TaskContract):
+    @pytest.fixture
+    def strategy(self):
+        return Addition(AdditionConfig(index_hints=True))
 
 
 class TestTiny(ModelProviderContract):

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_built_wheel_carries_configs_and_entry_points(tmp_path):
     # build from a copy: setuptools leaves a build/ folder behind in the tree it builds
     src = tmp_path / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".ci", "build", "runs", "multirun", "*.egg-info", "__pycache__"))
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".ci", ".venv", "build", "runs", "outputs", "multirun", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(src)], check=True)
     (wheel,) = tmp_path.glob("selfloop-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())

@@ -156,7 +156,11 @@ def test_best_of_n_beats_a_greedy_sample_when_the_evaluator_is_informative(ctx_w
     greedy = accuracy(ctx.generate(prompts, max_new_tokens=6, refine=False))
     ReversalCheck.seen.clear()
     best = ctx.generate(prompts, max_new_tokens=6)
-    assert accuracy(best) >= greedy + 0.15, (greedy, accuracy(best))
+    # the check verifies answers, so best-of-n is right exactly where one of its 8 samples is
+    # (pass@8); how far that lies above greedy depends on the model (threads change training)
+    any_right = sum(any(c == right(g.prompt) for c in g.completions) for g in best) / len(best)
+    assert accuracy(best) == pytest.approx(any_right) and any_right > greedy, (greedy, accuracy(best), any_right)
+    assert accuracy(best) >= greedy + 0.1, (greedy, accuracy(best))
     assert ReversalCheck.seen, "the configured evaluator was not asked"
     assert ctx.notes["best_of_n"]["sequences_sampled"] == 8 * len(prompts)
     assert all(len(g.completions) == 8 and g.extra["best_of_n"]["select_by"] == "reversal_check" for g in best)

@@ -220,3 +220,31 @@ def test_self_consistency_evaluator_is_label_free(make_ctx, trained_model):
 def test_contract_columns_are_the_documented_ones():
     assert REQUIRED == ("id", "prompt", "completions", "answer", "reference", "difficulty", "round", "source")
     assert COLUMNS == REQUIRED + ("temperature", "completion_logprobs", "refine_trace")
+
+
+def test_addition_index_hints_name_each_place_from_a_random_letter():
+    """Zhou et al.'s index hints: a letter before every digit naming its place; operands and
+    sum share the letters of a place, counted from a letter drawn per problem (every letter is
+    trained at every length); a misplaced or missing hint is not well formed."""
+    from selfloop.errors import OptionError
+    from selfloop_plugins.tasks.addition import Addition, AdditionConfig
+
+    task = Addition(AdditionConfig(index_hints=True, max_level=12))
+    problems = task.sample(random.Random(0), 4, 300)
+    starts = {p.prompt[0] for p in problems}
+    assert len(starts) == 26, "the first place's letter is drawn from the whole alphabet"
+    for p in problems[:50]:
+        left, right = p.prompt[:-1].split("+")
+        places = p.reference[0::2]
+        assert places.startswith(left[0::2]) and places.startswith(right[0::2]), "a place has one letter in all three numbers"
+        a, b, total = (int(x[1::2][::-1]) for x in (left, right, p.reference))
+        assert a + b == total and max(len(left), len(right)) == 2 * 4 and p.difficulty == 4
+    assert task.is_well_formed("y1z2+y3z4=", "y4z6") and task.is_well_formed("y9z9+y1z0=", "y0z0a1")  # wraps after z
+    for bad in ("46", "z4a6", "y4a6", "y4z", "y4z6b1c1"):
+        assert not task.is_well_formed("y1z2+y3z4=", bad), bad
+    plain = Addition(AdditionConfig())
+    assert plain.alphabet == "0123456789+=" and set("abcxyz") <= set(task.alphabet)
+    # without hints a seed draws the problems it drew before the option existed
+    assert [p.prompt for p in plain.sample(random.Random(0), 3, 3)] == ["469+493=", "14+035=", "794+326="]
+    with pytest.raises(OptionError, match="at most 25 with index_hints"):
+        AdditionConfig(index_hints=True, max_level=30)

@@ -46,7 +46,7 @@ def env(tmp_path_factory) -> Env:
     root = tmp_path_factory.mktemp("third-party")
     # a copy of the working tree: building a wheel leaves build/ folders in the source
     src = root / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".ci", "build", "runs", "multirun", "*.egg-info", "__pycache__", ".pytest_cache"))
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".ci", ".venv", "build", "runs", "outputs", "multirun", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache"))
     subprocess.run([sys.executable, "-m", "venv", str(root / "venv")], check=True)
     env = Env(root, src)
     env.pip_install(f"torch=={metadata.version('torch')}")  # the CPU build this suite runs on

@@ -288,6 +288,8 @@ def setting_value(run: Run, key: str) -> str:
     """A setting's value in a run: from its saved config where it is there (so `seed=1` and a
     default seed 1 agree), else the override as written, else ``(default)``."""
     node = _lookup(run.config, key)
+    if key in KINDS and key not in SINGLE_CHOICE and node is None:
+        return "[]"  # an empty chain (`filter=[]`) is saved as null
     if key in KINDS and isinstance(node, dict):
         names = list(node)
         return names[0] if key in SINGLE_CHOICE and len(names) == 1 else "[" + ",".join(names) + "]"
@@ -369,7 +371,7 @@ class Comparison:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "groups": [{"title": g.title, "task": g.task, "runs": [r.label for r in g.runs]} for g in self.groups],
+            "groups": [{"title": g.title, "task": g.task, "runs": [r.label for r in g.runs], "tracking": tracking(g)} for g in self.groups],
             "notes": self.notes,
             "runs": [
                 {"label": r.label, "path": str(r.path), "status": r.status, "task": r.task, "group": r.group,
@@ -513,6 +515,67 @@ def seed_rows(group: Group) -> list[list[str]]:
     return rows
 
 
+TRACKING_HEADERS = ("evaluator", "candidates", "runs", "Spearman rho", "rho by run (median, min–max)")
+TRACKING_MIN = 4  # fewer candidates than this: no correlation is reported
+
+
+def candidate_truth(record: dict[str, Any]) -> float | None:
+    """Ground-truth accuracy of a round's candidate on the levels its promotion gate weighed
+    (levels <= the curriculum level; every measured level when the record has none)."""
+    for by_level in (record.get("candidate_meta") or {}).values():
+        level = record.get("level")
+        levels = [k for k in by_level if level is None or int(k) <= level]
+        if levels:
+            return sum(by_level[k] for k in levels) / len(levels)
+    return None
+
+
+def tracking_points(runs: list[Run]) -> dict[str, list[tuple[str, float, float]]]:
+    """Per label-free evaluator in the gate: (run label, candidate's gate score, candidate's
+    ground truth) for every candidate trained after the bootstrap, promoted or rejected."""
+    points: dict[str, list[tuple[str, float, float]]] = {}
+    for r in runs:
+        for rec in r.records:
+            truth = candidate_truth(rec) if rec.get("round", 0) > 0 else None
+            if truth is None:
+                continue
+            for name, scores in (rec.get("gate") or {}).items():
+                points.setdefault(name, []).append((r.label, float(scores["candidate"]), truth))
+    return points
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Rank correlation; None below TRACKING_MIN points or when either side is constant."""
+    if len(xs) < TRACKING_MIN or len(set(xs)) < 2 or len(set(ys)) < 2:
+        return None
+    from scipy.stats import spearmanr  # scipy comes with scikit-learn; no torch
+
+    return float(spearmanr(xs, ys).statistic)
+
+
+def tracking(group: Group) -> list[dict[str, Any]]:
+    """Does each gate evaluator rank candidates like ground truth? Pooled over the group's
+    runs, and per run (a run's own candidates) to show how stable that is."""
+    out = []
+    for name, pts in sorted(tracking_points(group.runs).items()):
+        per_run = {}
+        for label in dict.fromkeys(p[0] for p in pts):
+            mine = [p for p in pts if p[0] == label]
+            per_run[label] = spearman([p[1] for p in mine], [p[2] for p in mine])
+        out.append({"evaluator": name, "candidates": len(pts), "runs": len(per_run),
+                    "spearman": spearman([p[1] for p in pts], [p[2] for p in pts]), "by_run": per_run})
+    return out
+
+
+def tracking_rows(group: Group) -> list[list[str]]:
+    rows = []
+    for t in tracking(group):
+        known = sorted(v for v in t["by_run"].values() if v is not None)
+        spread = f"{statistics.median(known):.2f} ({known[0]:.2f}–{known[-1]:.2f}), {len(known)} runs" if known else "–"
+        rows.append([t["evaluator"], str(t["candidates"]), str(t["runs"]), _fmt(t["spearman"]), spread])
+    return rows
+
+
 SEED_HEADERS = ("setting", "runs with rounds", "final frontier mean ± sd", "min–max", "precision (kept) mean", "labels mean")
 
 
@@ -541,6 +604,11 @@ def markdown(comparison: Comparison) -> str:
         lines += ["", f"## {g.title}", "", *_md_table(HEADERS, table_rows(g))]
         if g.seed_settings():
             lines += ["", "Across seeds (runs whose settings differ only by `seed`):", "", *_md_table(SEED_HEADERS, seed_rows(g))]
+        if tracking_rows(g):
+            lines += ["", "Does the label-free gate track the truth? For every candidate trained after the bootstrap (promoted or "
+                      "rejected), each gate evaluator's candidate score against the candidate's ground-truth accuracy on the "
+                      f"levels the gate weighed; Spearman's rho over all of them (– below {TRACKING_MIN} candidates or when a side "
+                      "is constant), and per run:", "", *_md_table(TRACKING_HEADERS, tracking_rows(g))]
     run_notes = [f"- {r.label} ({r.path}): {'; '.join(r.notes)}" for r in c.runs if r.notes and not r.problem]
     if run_notes:
         lines += ["", "## Run notes", "", *run_notes]
@@ -680,30 +748,28 @@ def write(comparison: Comparison) -> None:
 
 
 def print_tables(comparison: Comparison) -> None:
-    import shutil
-
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
 
-    console = Console(width=shutil.get_terminal_size((160, 24)).columns)
+    from selfloop.report import print_wide
+
+    def table(title: str, headers: tuple[str, ...], rows: list[list[str]]) -> None:
+        t = Table(title=escape(title))
+        for h in headers:
+            t.add_column(h, overflow="fold")
+        for row in rows:
+            t.add_row(*map(Text, row))  # labels such as filter=[a,b] are not markup
+        print_wide(t, fallback=160)
+
     for g in comparison.groups:
-        table = Table(title=escape(f"selfloop compare: {g.title}"))
-        for h in HEADERS:
-            table.add_column(h, overflow="fold")
-        for row in table_rows(g):
-            table.add_row(*map(Text, row))  # labels such as filter=[a,b] are not markup
-        console.print(table)
+        table(f"selfloop compare: {g.title}", HEADERS, table_rows(g))
         if g.seed_settings():
-            seeds = Table(title=escape(f"{g.title}: across seeds"))
-            for h in SEED_HEADERS:
-                seeds.add_column(h, overflow="fold")
-            for row in seed_rows(g):
-                seeds.add_row(*map(Text, row))
-            console.print(seeds)
+            table(f"{g.title}: across seeds", SEED_HEADERS, seed_rows(g))
+        if tracking_rows(g):
+            table(f"{g.title}: does the label-free gate track the truth?", TRACKING_HEADERS, tracking_rows(g))
     for note in comparison.notes:
-        console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+        print(f"note: {note}")
 
 
 def cmd_compare(paths: list[str], out: str | None = None) -> int:

@@ -274,7 +274,6 @@ def render(run_dir: str | Path, **status: Any) -> list[dict[str, Any]]:
 
 
 def print_table(records: list[dict[str, Any]]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="selfloop: rounds (accuracy is ground truth, for the report only)")
@@ -282,4 +281,18 @@ def print_table(records: list[dict[str, Any]]) -> None:
         table.add_column(h, overflow="fold")
     for row in rows(records):
         table.add_row(*row)
-    Console(width=shutil.get_terminal_size((150, 24)).columns).print(table)
+    print_wide(table)
+
+
+def print_wide(table: Any, fallback: int = 150) -> None:
+    """Print a rich table: at the terminal's width on a terminal; into a log file or a pipe as
+    wide as the table needs (at least ``fallback``), so that no header or cell is wrapped."""
+    import sys
+
+    from rich.console import Console
+
+    if sys.stdout.isatty():
+        width = shutil.get_terminal_size((fallback, 24)).columns
+    else:  # COLUMNS (often 80 when not on a terminal) would fold the table in the log
+        width = max(fallback, Console(width=10_000).measure(table).maximum)
+    Console(width=width).print(table)

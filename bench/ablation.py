@@ -1,0 +1,172 @@
+"""Filter-chain ablation: which filters keep the loop's self-labels true, and how much do seeds vary?
+
+    python bench/ablation.py --out runs/ablation-reversal --rounds 6 \\
+        --chains "[]" "[uncertainty]" "[uncertainty,roundtrip]" --seeds 0 1 2 [-- OVERRIDE...]
+
+The design is a sweep of filter chains x seeds, the same grid as
+``selfloop run -m filter=[],[uncertainty],[uncertainty,roundtrip] seed=0,1,2``, with one
+saving: the jobs of a seed share that seed's bootstrap. Round 0 (the labelled bootstrap) does
+not filter, so every chain would train the same round-0 model for a seed; it is trained once
+(``selfloop run ... loop.rounds=0`` into OUT/bootstrap/seed-S), copied into each job's
+directory, and the job's own config (chain, seed, rounds) is saved there before
+``selfloop resume`` runs rounds 1..R. That saves (chains - 1) x seeds bootstraps and makes the
+comparison within a seed exact: the chains start from the same model.
+
+Jobs are numbered like a Hydra sweep (OUT/sweep/0, 1, ...; seed-major) and run ``--jobs`` at a
+time with ``--threads`` torch threads each (jobs x threads <= cores); a seed's jobs start as
+soon as its bootstrap is done. At the end ``selfloop compare``
+writes OUT/sweep/comparison/ (table, across-seed table, label-free-gate-vs-truth Spearman per
+evaluator, plots). A job that fails is reported and the others go on; rerunning the script
+skips finished bootstraps and jobs and resumes unfinished ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+
+def selfloop(*args: str, threads: int, log: Path) -> int:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    with open(log, "a") as fh:
+        return subprocess.run([sys.executable, "-m", "selfloop.cli", *args], env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+
+
+def status(run_dir: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads((run_dir / "run.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def bootstrap(out: Path, seed: int, base: list[str], threads: int) -> Path:
+    run_dir = out / "bootstrap" / f"seed-{seed}"
+    if status(run_dir) == "completed":
+        return run_dir
+    if run_dir.exists():
+        code = selfloop("resume", str(run_dir), threads=threads, log=out / "bootstrap" / f"seed-{seed}.log")
+    else:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        code = selfloop("run", *base, f"seed={seed}", "loop.rounds=0", f"hydra.run.dir={run_dir}", threads=threads,
+                        log=out / "bootstrap" / f"seed-{seed}.log")
+    if code != 0 or status(run_dir) != "completed":
+        raise SystemExit(f"the bootstrap of seed {seed} failed (exit {code}): see {out / 'bootstrap' / f'seed-{seed}.log'}")
+    return run_dir
+
+
+_COMPOSE = threading.Lock()  # Hydra's global state: one composition at a time
+
+
+def prepare_job(job_dir: Path, boot: Path, overrides: list[str]) -> None:
+    """Copy the seed's bootstrap into the job directory and save the job's own config there."""
+    from omegaconf import OmegaConf
+
+    from selfloop.config import compose
+    from selfloop.plugins import load_plugins
+    from selfloop.rundir import RunDir, atomic_write_text
+
+    with _COMPOSE:
+        cfg = compose(overrides, load_plugins().registry)  # one-line errors for a bad chain or option, before copying
+    tmp = job_dir.with_name(job_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(boot, tmp, ignore=shutil.ignore_patterns("run.lock", "report.md", "curves.png"))
+    atomic_write_text(tmp / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
+    atomic_write_text(tmp / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
+    rd = RunDir(tmp)
+    rd.write_run_json(status="interrupted", config_sha256=rd.config_digest(), bootstrap_from=str(boot))
+    tmp.rename(job_dir)
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--preset", default="default", help="loop preset (loop=...)")
+    parser.add_argument("--task", default="reversal")
+    parser.add_argument("--chains", nargs="+", default=["[]", "[uncertainty]", "[uncertainty,roundtrip]"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--only-seeds", nargs="+", type=int, help="run only these seeds' jobs (e.g. in a second process), numbered as in the full grid")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    base = [f"loop={args.preset}", f"task={args.task}", *extra]
+    out = args.out.resolve()
+    start = time.time()
+    grid = [(chain, seed) for seed in args.seeds for chain in args.chains]  # seed-major: a seed's jobs start once its bootstrap is done
+    sweep = out / "sweep"
+    sweep.mkdir(parents=True, exist_ok=True)
+
+    def run_job(i: int, boot) -> tuple[int, int, str]:
+        chain, seed = grid[i]
+        job = sweep / str(i)
+        if not job.exists():
+            prepare_job(job, boot.result(), [*base, f"filter={chain}", f"seed={seed}", f"loop.rounds={args.rounds}"])
+        if status(job) == "completed":
+            return i, 0, "completed"
+        code = selfloop("resume", str(job), threads=args.threads, log=sweep / f"{i}.log")
+        return i, code, status(job) or "?"
+
+    seeds = args.only_seeds or args.seeds
+    mine = [i for i, (_, seed) in enumerate(grid) if seed in seeds]
+    print(f"{len(seeds)} bootstraps, then {len(mine)} jobs; {args.jobs} at a time, {args.threads} thread(s) each", flush=True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        # FIFO: every bootstrap starts before any job, so a job waiting for its bootstrap never blocks it
+        boots = {s: pool.submit(bootstrap, out, s, base, args.threads) for s in seeds}
+        jobs = [pool.submit(run_job, i, boots[grid[i][1]]) for i in mine]
+        for future in jobs:
+            i, code, final = future.result()
+            chain, seed = grid[i]
+            print(f"  job {i}: filter={chain} seed={seed}: {final}" + (f" (exit {code}; see {sweep / f'{i}.log'})" if code else "")
+                  + f"  [{(time.time() - start) / 60:.1f} min]", flush=True)
+    subprocess.run([sys.executable, "-m", "selfloop.cli", "compare", str(sweep)], check=False)
+    table = per_round_table(sweep, args.chains, len(grid))
+    (out / "per_round.md").write_text(table)
+    print(table)
+
+
+def per_round_table(sweep: Path, chains: list[str], jobs: int) -> str:
+    """Per chain and round: frontier and kept-label precision, mean ± sd over seeds (the
+    comparison's tables give the final values; this shows the avalanche round by round)."""
+    import statistics
+
+    from selfloop.compare import load_run, setting_value
+
+    by_chain: dict[str, list[list[dict]]] = {}
+    for i in range(jobs):
+        if (sweep / str(i)).exists():
+            run = load_run(sweep / str(i))
+            by_chain.setdefault(setting_value(run, "filter"), []).append(run.records)
+
+    def cell(values: list[float]) -> str:
+        if not values:
+            return "–"
+        sd = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+        return f"{statistics.mean(values):.2f}{sd}"
+
+    rounds = max((len(r) for runs in by_chain.values() for r in runs), default=0)
+    lines = ["| filter chain | seeds | " + " | ".join(f"round {k}" for k in range(1, rounds)) + " |", "|---|---|" + "---|" * (rounds - 1)]
+    for chain, runs in by_chain.items():
+        for key, name in (("frontier", "frontier"), ("label_precision_kept", "precision (kept)")):
+            cells = []
+            for k in range(1, rounds):
+                values = [float(recs[k][key] or 0) if key == "frontier" else recs[k][key] for recs in runs if len(recs) > k]
+                cells.append(cell([v for v in values if v is not None]))
+            lines.append(f"| {chain} {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
