@@ -4,7 +4,8 @@ torch's CPU kernels use one OpenMP thread per core and spin-wait between paralle
 Alone that is fastest; beside another CPU-bound process the spinning threads compete for the
 same cores: beside one busy torch process a smoke run took 3.2x as long, 1.6x with idle
 threads asleep (docs/benchmarks.md, `bench/threads.py`). When the user set nothing, the
-``selfloop`` command therefore makes idle OpenMP threads sleep instead of spin (``OMP_WAIT_POLICY=PASSIVE``, set before torch is imported). A user's ``OMP_WAIT_POLICY``
+``selfloop`` command therefore makes idle OpenMP threads sleep instead of spin
+(``OMP_WAIT_POLICY=PASSIVE``, set before torch is imported). A user's ``OMP_WAIT_POLICY``
 (and ``OMP_NUM_THREADS``) is always respected; ``SELFLOOP_THREADS=off`` turns the policy off.
 """
 
