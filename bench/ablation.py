@@ -40,11 +40,12 @@ def selfloop(*args: str, threads: int, log: Path) -> int:
 
 
 def status(run_dir: Path) -> str | None:
-    import json
+    from selfloop.errors import RunDirError
+    from selfloop.rundir import RunDir
 
     try:
-        return json.loads((run_dir / "run.json").read_text()).get("status")
-    except (OSError, ValueError):
+        return RunDir(run_dir).read_run_json().get("status")
+    except RunDirError:  # not started yet, or run.json unreadable
         return None
 
 
@@ -132,23 +133,24 @@ def main() -> None:
             print(f"  job {i}: filter={chain} seed={seed}: {final}" + (f" (exit {code}; see {sweep / f'{i}.log'})" if code else "")
                   + f"  [{(time.time() - start) / 60:.1f} min]", flush=True)
     subprocess.run([sys.executable, "-m", "selfloop.cli", "compare", str(sweep)], check=False)
-    table = per_round_table(sweep, args.chains, len(grid))
+    table = per_round_table(sweep, len(grid))
     (out / "per_round.md").write_text(table)
     print(table)
 
 
-def per_round_table(sweep: Path, chains: list[str], jobs: int) -> str:
+def per_round_table(sweep: Path, jobs: int) -> str:
     """Per chain and round: frontier and kept-label precision, mean ± sd over seeds (the
     comparison's tables give the final values; this shows the avalanche round by round)."""
+    import math
     import statistics
 
     from selfloop.compare import load_run, setting_value
 
-    by_chain: dict[str, list[list[dict]]] = {}
+    by_chain: dict[str, list[dict[str, list]]] = {}  # chain -> each seed's per-round series, as compare plots them
     for i in range(jobs):
         if (sweep / str(i)).exists():
             run = load_run(sweep / str(i))
-            by_chain.setdefault(setting_value(run, "filter"), []).append(run.records)
+            by_chain.setdefault(setting_value(run, "filter"), []).append(run.series())
 
     def cell(values: list[float]) -> str:
         if not values:
@@ -156,17 +158,13 @@ def per_round_table(sweep: Path, chains: list[str], jobs: int) -> str:
         sd = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
         return f"{statistics.mean(values):.2f}{sd}"
 
-    rounds = max((len(r) for runs in by_chain.values() for r in runs), default=0)
+    rounds = max((len(s["round"]) for runs in by_chain.values() for s in runs), default=0)
     lines = ["| filter chain | seeds | " + " | ".join(f"round {k}" for k in range(1, rounds)) + " |", "|---|---|" + "---|" * (rounds - 1)]
     for chain, runs in by_chain.items():
-        for key, name in (("frontier", "frontier"), ("label_precision_kept", "precision (kept)")):
-            cells = []
-            for k in range(1, rounds):
-                values = [float(recs[k][key] or 0) if key == "frontier" else recs[k][key] for recs in runs if len(recs) > k]
-                cells.append(cell([v for v in values if v is not None]))
+        for key, name in (("frontier", "frontier"), ("precision", "precision (kept)")):
+            cells = [cell([s[key][k] for s in runs if len(s[key]) > k and not math.isnan(s[key][k])]) for k in range(1, rounds)]
             lines.append(f"| {chain} {name} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
 
 if __name__ == "__main__":
     main()

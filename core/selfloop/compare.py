@@ -604,11 +604,12 @@ def markdown(comparison: Comparison) -> str:
         lines += ["", f"## {g.title}", "", *_md_table(HEADERS, table_rows(g))]
         if g.seed_settings():
             lines += ["", "Across seeds (runs whose settings differ only by `seed`):", "", *_md_table(SEED_HEADERS, seed_rows(g))]
-        if tracking_rows(g):
+        tracked = tracking_rows(g)
+        if tracked:
             lines += ["", "Does the label-free gate track the truth? For every candidate trained after the bootstrap (promoted or "
                       "rejected), each gate evaluator's candidate score against the candidate's ground-truth accuracy on the "
                       f"levels the gate weighed; Spearman's rho over all of them (– below {TRACKING_MIN} candidates or when a side "
-                      "is constant), and per run:", "", *_md_table(TRACKING_HEADERS, tracking_rows(g))]
+                      "is constant), and per run:", "", *_md_table(TRACKING_HEADERS, tracked)]
     run_notes = [f"- {r.label} ({r.path}): {'; '.join(r.notes)}" for r in c.runs if r.notes and not r.problem]
     if run_notes:
         lines += ["", "## Run notes", "", *run_notes]
@@ -766,8 +767,9 @@ def print_tables(comparison: Comparison) -> None:
         table(f"selfloop compare: {g.title}", HEADERS, table_rows(g))
         if g.seed_settings():
             table(f"{g.title}: across seeds", SEED_HEADERS, seed_rows(g))
-        if tracking_rows(g):
-            table(f"{g.title}: does the label-free gate track the truth?", TRACKING_HEADERS, tracking_rows(g))
+        tracked = tracking_rows(g)
+        if tracked:
+            table(f"{g.title}: does the label-free gate track the truth?", TRACKING_HEADERS, tracked)
     for note in comparison.notes:
         print(f"note: {note}")
 
