@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -152,3 +154,13 @@ def test_a_plugin_preset_composes_from_its_installed_package(plugins, fake_prese
     assert list(cfg.filter) == ["uncertainty"] and cfg.filter.uncertainty.min_agreement == 0.5
     assert cfg.loop.rounds == 1 and cfg.loop.bootstrap.n_problems == 2000  # on top of the built-in smoke preset
     assert list(compose([], plugins.registry).filter) == ["uncertainty", "roundtrip"]  # the default is untouched
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "loop").glob("*.yaml")))
+def test_every_shipped_preset_composes_and_passes_set_up(plugins, preset):
+    from selfloop.loop import prepare
+
+    ctx = prepare(compose([f"loop={preset}"], plugins.registry), plugins.registry, RunDir("x"))
+    assert ctx.run.loop.rounds >= 1 and ctx.strategies["model"]
+    if preset == "addition":  # the digits are aligned by Abacus embeddings (docs/study.md, section 1)
+        assert ctx.strategies["model"][0].config.positional == "abacus" and ctx.run.loop.bootstrap.levels == [1, 2, 3]

@@ -48,6 +48,12 @@ class TestTiny(ModelProviderContract):
         return Tiny(TinyConfig(n_layer=1, n_embd=32, n_head=2))
 
 
+class TestTinyAbacus(ModelProviderContract):
+    @pytest.fixture
+    def strategy(self):
+        return Tiny(TinyConfig(n_layer=1, n_embd=32, n_head=2, positional="abacus"))
+
+
 class TestTaskSampler(AcquirerContract):
     @pytest.fixture
     def strategy(self):

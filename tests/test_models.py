@@ -324,3 +324,91 @@ def test_a_provider_without_load_gets_the_default_reload(make_ctx, tmp_path):
     ctx.strategies["model"] = [types.SimpleNamespace(name="old_style")]  # an 0.1 provider: build only
     handle = ctx.reload_model(saved)
     assert isinstance(handle, ModelHandle) and handle.device == torch.device(ctx.device)
+
+
+# -- tiny with Abacus digit-index embeddings (McLeish et al. 2024) ---------------------------
+def abacus_handle(make_ctx, **options):
+    overrides = ["task=addition", "filter=[uncertainty]", "model.tiny.positional=abacus", "model.tiny.n_layer=2", "model.tiny.n_embd=32", "model.tiny.n_head=2"]
+    ctx = make_ctx(overrides + [f"model.tiny.{k}={v}" for k, v in options.items()])
+    handle = ctx.strategies["model"][0].build(ctx)
+    with torch.no_grad():  # large weights, so a wrong position id changes the argmax
+        for param in handle.model.parameters():
+            param.normal_(0, 1.0)
+    return ctx, handle
+
+
+def test_abacus_positions_count_digits_within_each_number():
+    from selfloop_plugins.models.abacus import abacus_positions
+    from selfloop_plugins.models.tiny import char_tokenizer
+
+    tok = char_tokenizer("0123456789+=")
+    ids = torch.tensor([tok("12+345=6789")["input_ids"], tok("9+9=81")["input_ids"] + [tok.pad_token_id] * 5])
+    digits = torch.tensor(tok.convert_tokens_to_ids(list("0123456789")))
+    # <bos> 1 2 + 3 4 5 = 6 7 8 9
+    assert abacus_positions(ids, digits)[0].tolist() == [0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3, 4]
+    assert abacus_positions(ids, digits)[1].tolist() == [0, 1, 0, 1, 0, 1, 2, 0, 0, 0, 0, 0]
+    shifted = abacus_positions(ids, digits, offset=torch.tensor([10, 0]), limit=14)
+    assert shifted[0].tolist() == [10, 11, 12, 10, 11, 12, 13, 10, 11, 12, 13, 13]  # clipped to the table
+    assert shifted[1].tolist() == abacus_positions(ids, digits)[1].tolist()
+
+
+def test_abacus_generation_with_a_cache_matches_full_forward_passes(make_ctx):
+    from transformers import GPT2LMHeadModel
+
+    from selfloop_plugins.models.abacus import abacus_positions
+
+    ctx, handle = abacus_handle(make_ctx)
+    model, tok = handle.model.eval(), handle.tokenizer
+    assert type(model).__name__ == "AbacusGPT2LMHeadModel"
+    plain = GPT2LMHeadModel(model.config).eval()  # the same weights without the Abacus hook
+    plain.load_state_dict(model.state_dict())
+    digits = torch.tensor(model.config.abacus_digit_ids)
+    for prompt in ["12+34=", "999+1=", "1234+5678="]:
+        x = torch.tensor([tok(prompt)["input_ids"]])
+        with torch.no_grad():
+            out = model.generate(x, max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+            cached = torch.stack(out.logits, 1)[0]  # the logits of each step, computed with the cache
+            full = out.sequences[:, :-1]
+            abacus = plain(input_ids=full, position_ids=abacus_positions(full, digits)).logits[0, x.shape[1] - 1 :]
+            counted = plain(input_ids=full).logits[0, x.shape[1] - 1 :]
+        assert torch.allclose(cached, abacus, atol=1e-4), prompt
+        assert not torch.allclose(cached, counted, atol=1e-2), prompt  # the check can tell them apart
+    prompts = ["12+34=", "999+1=", "5+50="]  # batched and left-padded, as the loop generates
+    assert handle.generate(prompts, max_new_tokens=5) == [handle.generate([p], max_new_tokens=5)[0] for p in prompts]
+
+
+def test_abacus_offsets_are_random_in_training_only_and_survive_a_reload(make_ctx, tmp_path):
+    ctx, handle = abacus_handle(make_ctx, abacus_max_offset=8)
+    model, tok = handle.model, handle.tokenizer
+    x = torch.tensor([tok("123+45=")["input_ids"]] * 4)
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(model(input_ids=x).logits, model(input_ids=x).logits)
+        model.train()
+        torch.manual_seed(0)
+        trained = model(input_ids=x).logits
+        assert not all(torch.allclose(trained[0], trained[i]) for i in range(1, 4))  # each row its own offset
+    handle.save(tmp_path / "m")
+    again = ctx.strategies["model"][0].load(ctx, tmp_path / "m")
+    assert type(again.model).__name__ == "AbacusGPT2LMHeadModel" and again.model.config.abacus_max_offset == 8
+    prompts = ["12+34=", "9+999="]
+    assert again.generate(prompts, max_new_tokens=5) == handle.generate(prompts, max_new_tokens=5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["task=reversal", "task.reversal.alphabet=abc"], r"no digits in its alphabet"),
+        (["task=addition", "filter=[uncertainty]", "model.tiny.n_positions=16"], r"n_positions=16 is too small .* abacus_max_offset \(5\) \+ 11 digits"),
+    ],
+)
+def test_abacus_refuses_tasks_it_cannot_serve(make_ctx, overrides, message):
+    with pytest.raises(SelfloopError, match=message):
+        make_ctx(["model.tiny.positional=abacus", *overrides])
+
+
+def test_abacus_in_a_bad_option_lists_the_accepted_ones():
+    from selfloop_plugins.models.tiny import TinyConfig
+
+    with pytest.raises(OptionError, match="none .*learned or abacus"):
+        TinyConfig(positional="alibi")

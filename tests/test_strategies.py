@@ -48,6 +48,13 @@ def test_addition_task(make_ctx):
         assert int(p.reference[::-1]) == a + b
         assert max(len(str(a)), len(str(b))) == 4
         assert task.is_well_formed(p.prompt, p.reference)
+    # label-free format: as long as the longer operand or one longer, the extra place a carry
+    # of 1, no leading zero (the last digit written) unless the format pads
+    for answer in ("1654", "16541"):
+        assert task.is_well_formed("0231+1423=", answer), answer
+    for answer in ("165", "165412", "16542", "16540", "1a54"):
+        assert not task.is_well_formed("0231+1423=", answer), answer
+    assert task.is_well_formed("0+0=", "0")
 
 
 # -- models ------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def build_context(run_dir: Path, device: str | None):
     from omegaconf import OmegaConf
 
     from selfloop.loop import prepare
-    from selfloop.model import ModelHandle, resolve_device
+    from selfloop.model import resolve_device
     from selfloop.plugins import load_plugins
     from selfloop.rundir import RunDir
 
@@ -108,7 +108,7 @@ def build_context(run_dir: Path, device: str | None):
     ctx.device = str(resolve_device(device or ctx.run.device))
     ctx.round, ctx.level, ctx.stage = last["round"] + 1, last["next_level"], "infer"
     ctx.rng = random.Random(ctx.run.seed)
-    ctx.model = ModelHandle.load(model_dir, device=ctx.device)
+    ctx.model = ctx.reload_model(model_dir)
     return ctx, round_
 
 

@@ -25,10 +25,15 @@ class AdditionConfig:
     # a letter before each digit naming its place, counted from a random letter per problem
     # (so every letter is seen at every length); the sum's places must stay distinct
     index_hints: bool = False
+    # generation budget: places beyond the longest possible sum (level + 1 digits). 0 cuts a
+    # model that does not stop at the longest sum, so it is judged on the digits it wrote
+    answer_slack: int = 2
 
     def __post_init__(self):
         if self.max_level < 2:
             raise OptionError("max_level", self.max_level, "an integer >= 2")
+        if self.answer_slack < 0:
+            raise OptionError("answer_slack", self.answer_slack, "an integer >= 0")
         if self.index_hints and self.max_level > len(HINTS) - 1:
             raise OptionError("max_level", self.max_level, f"at most {len(HINTS) - 1} with index_hints (one letter per place of the sum)")
 
@@ -101,10 +106,16 @@ class Addition(Task):
         except ValueError:
             return False
         longest = max(len(d) for d, _ in operands)
-        return first == operands[0][1] and longest <= len(digits) <= longest + 1
+        if first != operands[0][1] or not longest <= len(digits) <= longest + 1:
+            return False
+        if len(digits) == longest + 1:  # a carry out of the top place is 1 (0 only when zero-padded)
+            return digits[-1] == "1" or (self.config.zero_pad and digits[-1] == "0")
+        # the most significant digit is not 0, unless the sum is 0 or the format pads
+        return digits[-1] != "0" or len(digits) == 1 or self.config.zero_pad
 
     def max_new_tokens(self, level: int) -> int:
-        return (level + 3) * (2 if self.config.index_hints else 1)
+        places = level + 1 + self.config.answer_slack  # a sum of level-digit numbers has at most level + 1
+        return places * (2 if self.config.index_hints else 1)
 
     def perturb(self, problem: Problem, rng: random.Random) -> Problem:
         """A nearby problem with its own reference (for ``acquire/augment``): one digit of one
