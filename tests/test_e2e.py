@@ -109,6 +109,9 @@ def start(run_dir, *extra):
     return subprocess.Popen(
         [sys.executable, "-m", "selfloop.cli", *extra, *(["run", *SMOKE, f"hydra.run.dir={run_dir}"] if not extra else [str(run_dir)])],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+        # as from a terminal: a shell's background job (`pytest ... &`) starts with SIGINT ignored,
+        # and the child would inherit that and never see the Ctrl-C this file sends
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from selfloop.data import BLIND_COLUMNS, COLUMNS, REQUIRED, check_dataset, make_rows
-from selfloop.errors import SelfloopError
+from selfloop.errors import OptionError, SelfloopError
 from selfloop.model import ModelHandle
 from selfloop.strategy import Generation
 
@@ -55,6 +55,13 @@ def test_addition_task(make_ctx):
     for answer in ("165", "165412", "16542", "16540", "1a54"):
         assert not task.is_well_formed("0231+1423=", answer), answer
     assert task.is_well_formed("0+0=", "0")
+    # the generation budget: the longest possible sum (level + 1 places) plus answer_slack
+    from selfloop_plugins.tasks.addition import Addition, AdditionConfig
+
+    assert task.max_new_tokens(4) == 7 and Addition(AdditionConfig(answer_slack=0)).max_new_tokens(4) == 5
+    assert Addition(AdditionConfig(answer_slack=0, index_hints=True)).max_new_tokens(4) == 10
+    with pytest.raises(OptionError, match="answer_slack"):
+        AdditionConfig(answer_slack=-1)
 
 
 # -- models ------------------------------------------------------------------------------
@@ -233,7 +240,6 @@ def test_addition_index_hints_name_each_place_from_a_random_letter():
     """Zhou et al.'s index hints: a letter before every digit naming its place; operands and
     sum share the letters of a place, counted from a letter drawn per problem (every letter is
     trained at every length); a misplaced or missing hint is not well formed."""
-    from selfloop.errors import OptionError
     from selfloop_plugins.tasks.addition import Addition, AdditionConfig
 
     task = Addition(AdditionConfig(index_hints=True, max_level=12))

@@ -54,7 +54,7 @@ def _set_positions(transformer, args, kwargs):
     """Forward pre-hook of the transformer: replace position ids by Abacus indices."""
     input_ids = args[0] if args else kwargs.get("input_ids")
     if input_ids is None:
-        return None
+        raise ValueError("an Abacus model computes its position ids from input_ids; inputs_embeds alone are not supported")
     cache = kwargs.get("cache")
     if cache is not None and cache.get_seq_length() > 0:
         # a continuation: only prepare_inputs_for_generation saw the whole sequence

@@ -27,7 +27,7 @@ class TinyConfig:
     n_head: int = 4
     n_positions: int = 128
     positional: str = "none"  # none (NoPE) | learned | abacus
-    # abacus only: in training each sequence's digit indices shift by a random offset up to
+    # abacus only: in training each sequence's position ids shift by a random offset up to
     # this, so the indices of longer numbers are learnt from short ones
     abacus_max_offset: int = 5
     activation: str = "gelu"
