@@ -62,12 +62,16 @@ def _set_positions(transformer, args, kwargs):
             raise ValueError("an Abacus model continuing from a cache needs position_ids (use generate(), which computes them)")
         return None
     config = transformer.config
-    digit_ids = torch.tensor(config.abacus_digit_ids, device=input_ids.device)
     offset: torch.Tensor | int = 0
     if transformer.training and config.abacus_max_offset > 0:
         offset = torch.randint(0, config.abacus_max_offset + 1, (input_ids.shape[0],), device=input_ids.device)
-    kwargs["position_ids"] = abacus_positions(input_ids, digit_ids, offset, config.n_positions)
+    kwargs["position_ids"] = _positions(config, input_ids, offset)
     return args, kwargs
+
+
+def _positions(config: AbacusGPT2Config, input_ids: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tensor:
+    digit_ids = torch.tensor(config.abacus_digit_ids, device=input_ids.device)
+    return abacus_positions(input_ids, digit_ids, offset, config.n_positions)
 
 
 class AbacusGPT2LMHeadModel(GPT2LMHeadModel):
@@ -83,8 +87,7 @@ class AbacusGPT2LMHeadModel(GPT2LMHeadModel):
         inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
         step_ids = inputs.get("input_ids")
         if step_ids is not None:
-            digit_ids = torch.tensor(self.config.abacus_digit_ids, device=input_ids.device)
-            inputs["position_ids"] = abacus_positions(input_ids, digit_ids, 0, self.config.n_positions)[:, -step_ids.shape[1] :]
+            inputs["position_ids"] = _positions(self.config, input_ids)[:, -step_ids.shape[1] :]
         return inputs
 
 
