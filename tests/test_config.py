@@ -163,4 +163,5 @@ def test_every_shipped_preset_composes_and_passes_set_up(plugins, preset):
     ctx = prepare(compose([f"loop={preset}"], plugins.registry), plugins.registry, RunDir("x"))
     assert ctx.run.loop.rounds >= 1 and ctx.strategies["model"]
     if preset == "addition":  # the digits are aligned by Abacus embeddings (docs/study.md, section 1)
-        assert ctx.strategies["model"][0].config.positional == "abacus" and ctx.run.loop.bootstrap.levels == [1, 2, 3]
+        assert ctx.strategies["model"][0].config.positional == "abacus" and ctx.run.loop.bootstrap.levels == [1, 2, 3, 4, 5]
+        assert ctx.run.loop.curriculum.min_kept_fraction == 0.9  # the pace measured in docs/study.md
