@@ -12,12 +12,18 @@ directory, and the job's own config (chain, seed, rounds) is saved there before
 ``selfloop resume`` runs rounds 1..R. That saves (chains - 1) x seeds bootstraps and makes the
 comparison within a seed exact: the chains start from the same model.
 
+Overrides after ``--`` apply to every run; an option of a filter (``filter.quality.threshold=0.5``)
+goes only to the chains that select that filter, never to the bootstrap (round 0 does not filter).
+
 Jobs are numbered like a Hydra sweep (OUT/sweep/0, 1, ...; seed-major) and run ``--jobs`` at a
 time with ``--threads`` torch threads each (jobs x threads <= cores); a seed's jobs start as
 soon as its bootstrap is done. At the end ``selfloop compare``
 writes OUT/sweep/comparison/ (table, across-seed table, label-free-gate-vs-truth Spearman per
-evaluator, plots). A job that fails is reported and the others go on; rerunning the script
-skips finished bootstraps and jobs and resumes unfinished ones.
+evaluator, plots), and the script OUT/per_round.md (frontier and kept-label precision per chain
+and round, mean ± sd over seeds) and OUT/per_filter.md (per filter: rows dropped, label
+precision of what it kept and dropped, share of the wrong labels it removed). A job that fails
+is reported and the others go on; rerunning the script skips finished bootstraps and jobs and
+resumes unfinished ones.
 """
 
 from __future__ import annotations
@@ -87,6 +93,14 @@ def prepare_job(job_dir: Path, boot: Path, overrides: list[str]) -> None:
     tmp.rename(job_dir)
 
 
+def for_chain(overrides: list[str], chain: str) -> list[str]:
+    """The overrides without options of filters the chain does not select, so that
+    ``-- filter.quality.threshold=0.5`` configures the chains that have ``quality`` (an option of
+    an unselected strategy is an error in ``selfloop run``)."""
+    selected = {name.strip() for name in chain.strip("[]").split(",") if name.strip()}
+    return [o for o in overrides if not (o.startswith("filter.") and o.split(".")[1].split("=")[0] not in selected)]
+
+
 def main() -> None:
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -104,6 +118,7 @@ def main() -> None:
     args = parser.parse_args(argv)
 
     base = [f"loop={args.preset}", f"task={args.task}", *extra]
+    boot_base = for_chain(base, "[]")  # round 0 does not filter
     out = args.out.resolve()
     start = time.time()
     grid = [(chain, seed) for seed in args.seeds for chain in args.chains]  # seed-major: a seed's jobs start once its bootstrap is done
@@ -114,7 +129,7 @@ def main() -> None:
         chain, seed = grid[i]
         job = sweep / str(i)
         if not job.exists():
-            prepare_job(job, boot.result(), [*base, f"filter={chain}", f"seed={seed}", f"loop.rounds={args.rounds}"])
+            prepare_job(job, boot.result(), [*for_chain(base, chain), f"filter={chain}", f"seed={seed}", f"loop.rounds={args.rounds}"])
         if status(job) == "completed":
             return i, 0, "completed"
         code = selfloop("resume", str(job), threads=args.threads, log=sweep / f"{i}.log")
@@ -125,7 +140,7 @@ def main() -> None:
     print(f"{len(seeds)} bootstraps, then {len(mine)} jobs; {args.jobs} at a time, {args.threads} thread(s) each", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
         # FIFO: every bootstrap starts before any job, so a job waiting for its bootstrap never blocks it
-        boots = {s: pool.submit(bootstrap, out, s, base, args.threads) for s in seeds}
+        boots = {s: pool.submit(bootstrap, out, s, boot_base, args.threads) for s in seeds}
         jobs = [pool.submit(run_job, i, boots[grid[i][1]]) for i in mine]
         for future in jobs:
             i, code, final = future.result()
@@ -136,6 +151,9 @@ def main() -> None:
     table = per_round_table(sweep, len(grid))
     (out / "per_round.md").write_text(table)
     print(table)
+    funnel = per_filter_table(sweep, len(grid))
+    (out / "per_filter.md").write_text(funnel)
+    print(funnel)
 
 
 def per_round_table(sweep: Path, jobs: int) -> str:
@@ -165,6 +183,44 @@ def per_round_table(sweep: Path, jobs: int) -> str:
             cells = [cell([s[key][k] for s in runs if len(s[key]) > k and not math.isnan(s[key][k])]) for k in range(1, rounds)]
             lines.append(f"| {chain} {name} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def per_filter_table(sweep: Path, jobs: int) -> str:
+    """Per chain and filter, over every label-free round of every seed: how many rows it saw and
+    dropped, the label precision of what came in, was kept and was dropped, and the share of
+    the wrong labels reaching it that it removed. A filter that drops at random drops rows as
+    right as those it keeps; one that finds errors drops rows of lower precision."""
+    from selfloop.compare import load_run, setting_value
+
+    totals: dict[tuple[str, str], list[float]] = {}  # (chain, filter) -> rows in, dropped, right kept, right dropped
+    for i in range(jobs):
+        if not (sweep / str(i)).exists():
+            continue
+        run = load_run(sweep / str(i))
+        chain = setting_value(run, "filter")
+        for record in run.records:
+            for step in record.get("funnel") or []:
+                kept, seen = step["kept"], step["of"]
+                precision_kept, precision_dropped = step.get("precision_kept"), step.get("precision_dropped")
+                if record["round"] == 0 or (kept and precision_kept is None) or (seen > kept and precision_dropped is None):
+                    continue  # the bootstrap, or precision not measured
+                t = totals.setdefault((chain, step["filter"]), [0, 0, 0.0, 0.0])
+                t[0] += seen
+                t[1] += seen - kept
+                t[2] += kept * (precision_kept or 0.0)
+                t[3] += (seen - kept) * (precision_dropped or 0.0)
+
+    def share(num: float, den: float) -> str:
+        return f"{num / den:.3f}" if den else "–"
+
+    lines = ["| filter chain | filter | rows in | dropped | precision in | precision kept | precision dropped | wrong labels removed |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (chain, name), (seen, dropped, right_kept, right_dropped) in totals.items():
+        wrong_in = seen - right_kept - right_dropped
+        lines.append(f"| {chain} | {name} | {seen} | {dropped} ({share(dropped, seen)}) | {share(right_kept + right_dropped, seen)} | "
+                     f"{share(right_kept, seen - dropped)} | {share(right_dropped, dropped)} | {share(dropped - right_dropped, wrong_in)} |")
+    return "\n".join(lines) + "\n"
+
 
 if __name__ == "__main__":
     main()
