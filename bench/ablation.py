@@ -148,27 +148,30 @@ def main() -> None:
             print(f"  job {i}: filter={chain} seed={seed}: {final}" + (f" (exit {code}; see {sweep / f'{i}.log'})" if code else "")
                   + f"  [{(time.time() - start) / 60:.1f} min]", flush=True)
     subprocess.run([sys.executable, "-m", "selfloop.cli", "compare", str(sweep)], check=False)
-    table = per_round_table(sweep, len(grid))
-    (out / "per_round.md").write_text(table)
-    print(table)
-    funnel = per_filter_table(sweep, len(grid))
-    (out / "per_filter.md").write_text(funnel)
-    print(funnel)
+    runs = load_sweep(sweep, len(grid))
+    for name, table in (("per_round.md", per_round_table(runs)), ("per_filter.md", per_filter_table(runs))):
+        (out / name).write_text(table)
+        print(table)
 
 
-def per_round_table(sweep: Path, jobs: int) -> str:
+def load_sweep(sweep: Path, jobs: int) -> list:
+    """The sweep's job runs that exist (selfloop.compare.Run), each read once for both tables."""
+    from selfloop.compare import load_run
+
+    return [load_run(sweep / str(i)) for i in range(jobs) if (sweep / str(i)).exists()]
+
+
+def per_round_table(runs: list) -> str:
     """Per chain and round: frontier and kept-label precision, mean ± sd over seeds (the
     comparison's tables give the final values; this shows the avalanche round by round)."""
     import math
     import statistics
 
-    from selfloop.compare import load_run, setting_value
+    from selfloop.compare import setting_value
 
     by_chain: dict[str, list[dict[str, list]]] = {}  # chain -> each seed's per-round series, as compare plots them
-    for i in range(jobs):
-        if (sweep / str(i)).exists():
-            run = load_run(sweep / str(i))
-            by_chain.setdefault(setting_value(run, "filter"), []).append(run.series())
+    for run in runs:
+        by_chain.setdefault(setting_value(run, "filter"), []).append(run.series())
 
     def cell(values: list[float]) -> str:
         if not values:
@@ -185,18 +188,15 @@ def per_round_table(sweep: Path, jobs: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def per_filter_table(sweep: Path, jobs: int) -> str:
+def per_filter_table(runs: list) -> str:
     """Per chain and filter, over every label-free round of every seed: how many rows it saw and
     dropped, the label precision of what came in, was kept and was dropped, and the share of
     the wrong labels reaching it that it removed. A filter that drops at random drops rows as
     right as those it keeps; one that finds errors drops rows of lower precision."""
-    from selfloop.compare import load_run, setting_value
+    from selfloop.compare import setting_value
 
     totals: dict[tuple[str, str], list[float]] = {}  # (chain, filter) -> rows in, dropped, right kept, right dropped
-    for i in range(jobs):
-        if not (sweep / str(i)).exists():
-            continue
-        run = load_run(sweep / str(i))
+    for run in runs:
         chain = setting_value(run, "filter")
         for record in run.records:
             for step in record.get("funnel") or []:
