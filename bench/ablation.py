@@ -74,7 +74,9 @@ _COMPOSE = threading.Lock()  # Hydra's global state: one composition at a time
 
 
 def prepare_job(job_dir: Path, boot: Path, overrides: list[str]) -> None:
-    """Copy the seed's bootstrap into the job directory and save the job's own config there."""
+    """Copy the seed's bootstrap (round 0 of ``boot``, a run directory: later rounds and the
+    files derived from them are left behind) into the job directory and save the job's own
+    config there."""
     from omegaconf import OmegaConf
 
     from selfloop.config import compose
@@ -85,12 +87,22 @@ def prepare_job(job_dir: Path, boot: Path, overrides: list[str]) -> None:
         cfg = compose(overrides, load_plugins().registry)  # one-line errors for a bad chain or option, before copying
     tmp = job_dir.with_name(job_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(boot, tmp, ignore=shutil.ignore_patterns("run.lock", "report.md", "curves.png"))
+
+    def round_zero_only(folder: str, names: list[str]) -> set[str]:
+        if Path(folder) != Path(boot):
+            return set()
+        return {n for n in names if n in DERIVED or (n.startswith("round-") and n != "round-000")}
+
+    shutil.copytree(boot, tmp, ignore=round_zero_only)
     atomic_write_text(tmp / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
     atomic_write_text(tmp / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
     rd = RunDir(tmp)
     rd.write_run_json(status="interrupted", config_sha256=rd.config_digest(), bootstrap_from=str(boot))
     tmp.rename(job_dir)
+
+
+# files of the source run derived from its later rounds; the job's own run rebuilds them
+DERIVED = {"run.lock", "report.md", "curves.png", "metrics.jsonl", "drift.jsonl", "observers.json", "selfloop.log"}
 
 
 def for_chain(overrides: list[str], chain: str) -> list[str]:

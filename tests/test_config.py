@@ -40,7 +40,7 @@ def one_line_error(plugins, overrides: list[str]) -> str:
         ("filter.uncertainty.min_agreement=abc", "bad option filter.uncertainty.min_agreement='abc': Value 'abc' of type 'str' could not be converted to Float"),
         ("loop.rounds=many", "bad option loop.rounds='many'"),
         ("loop.curriculum.advance=sometimes", "bad option loop.curriculum.advance='sometimes': Invalid value 'sometimes', expected one of [paced, always, fixed]"),
-        ("loop=nope", "unknown loop 'nope'; available: addition, dataset_smoke, default, smoke, word_problems"),
+        ("loop=nope", "unknown loop 'nope'; available: addition, addition_ensemble, dataset_smoke, default, smoke, word_problems"),
     ],
 )
 def test_wrong_types_and_unknown_presets_fail_in_one_line(plugins, override, expected):
@@ -160,8 +160,15 @@ def test_a_plugin_preset_composes_from_its_installed_package(plugins, fake_prese
 def test_every_shipped_preset_composes_and_passes_set_up(plugins, preset):
     from selfloop.loop import prepare
 
-    ctx = prepare(compose([f"loop={preset}"], plugins.registry), plugins.registry, RunDir("x"))
+    extra = []
+    if preset == "addition_ensemble":  # the peers are given at launch: without them, a clear error
+        with pytest.raises(SelfloopError, match=r"refine.ensemble.min_members=3: .*list more members, e.g. members=\[incumbent,peer:RUN_DIR"):
+            prepare(compose([f"loop={preset}"], plugins.registry), plugins.registry, RunDir("x"))
+        extra = ["refine.ensemble.members=[incumbent,peer:runs/a,peer:runs/b]"]
+    ctx = prepare(compose([f"loop={preset}", *extra], plugins.registry), plugins.registry, RunDir("x"))
     assert ctx.run.loop.rounds >= 1 and ctx.strategies["model"]
+    if preset == "addition_ensemble":  # the addition preset, labelled by the seeds' vote
+        assert [r.name for r in ctx.strategies["refine"]] == ["ensemble"] and ctx.run.loop.bootstrap.levels == [1, 2, 3, 4, 5]
     if preset == "addition":  # the digits are aligned by Abacus embeddings (docs/study.md, section 1)
         assert ctx.strategies["model"][0].config.positional == "abacus" and ctx.run.loop.bootstrap.levels == [1, 2, 3, 4, 5]
         assert ctx.run.loop.curriculum.min_kept_fraction == 0.9  # the pace measured in docs/study.md

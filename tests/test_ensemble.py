@@ -114,6 +114,8 @@ class TestEnsembleOfDirectoriesContract(RefinerContract):
     ("members", {"members": ["incumbent", ""]}),
     ("members", {"members": ["incumbent", "incumbent"]}),
     ("members", {"members": ["incumbent", "round:x"]}),
+    ("members", {"members": ["incumbent", "peer:"]}),
+    ("peer_wait_seconds", {"peer_wait_seconds": -1}),
     ("min_members", {"min_members": 0}),
     ("min_members", {"members": ["incumbent", "bootstrap"], "min_members": 3}),
     ("min_agreement", {"min_agreement": 1.5}),
@@ -216,6 +218,86 @@ def test_fewer_than_min_members_falls_back_and_says_so(make_ctx):
     assert "sequences_generated" not in notes
 
 
+# -- peer runs advanced in step ------------------------------------------------------------
+def peer_run(root, finished: dict[int, int | None], status="running"):
+    """A run directory whose rounds ``finished`` (round -> incumbent_round) are complete."""
+    from selfloop.rundir import RunDir
+
+    rd = RunDir(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rd.write_run_json(status=status)
+    for round_, incumbent in finished.items():
+        finish(rd, round_, incumbent)
+    return rd
+
+
+def finish(rd, round_: int, incumbent: int | None) -> None:
+    if incumbent == round_:  # promoted: its model (a stand-in answers for it)
+        (rd.stage_dir(round_, "optimize") / "model").mkdir(parents=True)
+    rd.write_stage(round_, "promote", {"round": round_, "promoted": incumbent == round_, "incumbent_round": incumbent})
+
+
+@pytest.fixture
+def quick_poll(monkeypatch):
+    import selfloop_plugins.refine.ensemble as ensemble
+
+    monkeypatch.setattr(ensemble, "PEER_POLL_SECONDS", 0.02)
+
+
+def test_a_peer_member_is_the_peers_incumbent_after_the_round_before(make_ctx, tmp_path):
+    # the peer rejected its round 1: after round 1 its incumbent is still round 0's model
+    peer = peer_run(tmp_path / "peer", {0: 0, 1: 0, 2: 2})
+    wanted = str(peer.stage_dir(0, "optimize") / "model")
+    ens = Ensemble(EnsembleConfig(members=["incumbent", f"peer:{peer.root}"], peer_wait_seconds=0))
+    ctx = with_members(make_ctx(round_=2), ens, Says({"12=": "99"}), {wanted: Says({"12=": "99"})})
+    out = ctx.generate(["12=", "34="], max_new_tokens=4)
+    assert [g.answer for g in out] == ["99", "43"] and out[0].agreement == 1.0
+    assert ctx.notes["ensemble"]["members"] == ["incumbent", f"peer:{peer.root}"] and ctx.notes["ensemble"]["member_loads"] == 1
+
+
+def test_a_peer_behind_is_waited_for(make_ctx, tmp_path, quick_poll):
+    import threading
+
+    peer = peer_run(tmp_path / "peer", {0: 0})
+    wanted = str(peer.stage_dir(1, "optimize") / "model")
+    ens = Ensemble(EnsembleConfig(members=["incumbent", f"peer:{peer.root}"], peer_wait_seconds=30))
+    ctx = with_members(make_ctx(round_=2), ens, Says(), {wanted: Says()})
+    later = threading.Timer(0.3, finish, (peer, 1, 1))
+    later.start()
+    try:
+        ctx.generate(["12="], max_new_tokens=4)
+    finally:
+        later.cancel()
+    assert ctx.notes["ensemble"]["members"] == ["incumbent", f"peer:{peer.root}"] and not ctx.notes["ensemble"]["skipped"]
+
+
+@pytest.mark.parametrize(("finished", "status", "why"), [
+    ({0: 0}, "running", "did not finish round 1 within peer_wait_seconds=0.1"),
+    ({0: 0}, "failed", "ended (failed) before finishing round 1"),
+    ({0: None, 1: None}, "running", "has no model after its round 1"),
+    (None, None, "did not finish round 1 within peer_wait_seconds=0.1"),  # never started
+])
+def test_a_peer_that_cannot_vote_is_skipped_with_the_reason(make_ctx, tmp_path, quick_poll, finished, status, why):
+    root = tmp_path / "peer"
+    if finished is not None:
+        peer_run(root, finished, status)
+    ens = Ensemble(EnsembleConfig(members=["incumbent", f"peer:{root}"], min_members=1, peer_wait_seconds=0.1))
+    ctx = with_members(make_ctx(round_=2), ens, Says(), {})
+    ctx.generate(["12="], max_new_tokens=4)
+    assert why in ctx.notes["ensemble"]["skipped"][f"peer:{root}"]
+    assert ctx.notes["ensemble"]["members"] == ["incumbent"]
+
+
+def test_the_own_run_as_a_peer_counts_once(make_ctx):
+    # listing this very run as a peer names the incumbent's model: one vote, not two
+    ctx = make_ctx(round_=1)
+    finish(ctx.run_dir, 0, 0)
+    ens = Ensemble(EnsembleConfig(members=["incumbent", f"peer:{ctx.run_dir.root}"], min_members=1, peer_wait_seconds=0))
+    with_members(ctx, ens, Says(), {})
+    ctx.generate(["12="], max_new_tokens=4)
+    assert ctx.notes["ensemble"]["skipped"] == {f"peer:{ctx.run_dir.root}": "the same model as incumbent"}
+
+
 # -- real members --------------------------------------------------------------------------
 def test_the_vote_of_independent_seeds_beats_the_average_member(make_ctx, member_dirs):
     """Three members trained from different seeds; the incumbent is the first. On level 2 they
@@ -265,3 +347,21 @@ def test_through_the_loop_falls_back_then_votes(selfloop_smoke_loop):
     assert second["members"] == ["incumbent", "previous"] and "bootstrap" in second["skipped"]
     assert second["member_loads"] == 1 and second["sequences_generated"] == 2 * second["prompts"] > 0
     assert "fallback" not in second
+
+
+def test_through_the_loop_a_peer_run_votes_in_step(selfloop_smoke_loop):
+    # the peer (another seed, finished after one round) and this run: round 1 votes with the
+    # peer's round-0 model, round 2 with the incumbent the peer had after its round 1; round 3
+    # has no peer round 2 to wait for (the peer completed): it votes alone, and says why
+    quick = ["filter=[]", "loop.promotion.tolerance=1.0", "acquire.task_sampler.n_problems=20"]
+    peer = selfloop_smoke_loop(["seed=1", *quick], rounds=1)
+    run = selfloop_smoke_loop(["refine=[ensemble]", *quick, f"refine.ensemble.members=[incumbent,peer:{peer.run_dir}]",
+                               "refine.ensemble.min_members=1"], rounds=3)
+    assert run.status == "completed"
+    for round_ in (1, 2):
+        notes = run.stage_metrics(round_, "acquire")["notes"]["ensemble"]
+        assert notes["members"] == ["incumbent", f"peer:{peer.run_dir}"] and notes["member_loads"] == 1, notes
+        assert notes["sequences_generated"] == 2 * notes["prompts"] > 0 and not notes["skipped"]
+    notes = run.stage_metrics(3, "acquire")["notes"]["ensemble"]
+    assert notes["members"] == ["incumbent"]
+    assert "ended (completed) before finishing round 2" in notes["skipped"][f"peer:{peer.run_dir}"]

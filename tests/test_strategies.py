@@ -64,6 +64,29 @@ def test_addition_task(make_ctx):
         AdditionConfig(answer_slack=-1)
 
 
+def test_addition_magnitude_check_rejects_a_dropped_carry_out():
+    from selfloop_plugins.tasks.addition import Addition, AdditionConfig
+
+    plain, checked = Addition(AdditionConfig()), Addition(AdditionConfig(check_magnitude=True))
+    hinted = Addition(AdditionConfig(check_magnitude=True, index_hints=True))
+    rng = random.Random(3)
+    dropped = 0
+    for task in (checked, hinted):
+        for p in task.sample(rng, 6, 300):  # every true sum passes
+            assert task.is_well_formed(p.prompt, p.reference), (p.prompt, p.reference)
+    for p in checked.sample(rng, 6, 300):
+        # a carry out of the top place, dropped: well formed (unless it leaves a leading 0),
+        # and below the larger operand
+        if len(p.reference) == 7 and p.reference[5] != "0":
+            dropped += 1
+            assert plain.is_well_formed(p.prompt, p.reference[:6]) and not checked.is_well_formed(p.prompt, p.reference[:6])
+    assert dropped > 50
+    # 9876+5=9881 (reversed digits): a sum below 9876 is rejected, any other well-formed one is not
+    assert not checked.is_well_formed("6789+5=", "0789") and checked.is_well_formed("6789+5=", "1889")
+    assert plain.is_well_formed("6789+5=", "0789")
+    assert not hinted.is_well_formed("a6b7c8d9+a5=", "a0b7c8d9") and hinted.is_well_formed("a6b7c8d9+a5=", "a1b8c8d9")
+
+
 # -- models ------------------------------------------------------------------------------
 def test_tiny_model_is_nope_and_stays_frozen_after_reload(make_ctx, tmp_path):
     ctx = make_ctx()

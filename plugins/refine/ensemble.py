@@ -8,8 +8,12 @@ are largely uncorrelated, so a wrong answer rarely wins the vote.
 Members (``members``) are model sources as ``ctx.load_model`` reads them: ``incumbent`` (the
 model the caller generates with, through the wrapped generation: no copy is loaded),
 ``bootstrap``, ``previous``, ``round:N``, or a local model directory, e.g. another seed's run
-(``runs/seed2/round-003/optimize/model``). Members are loaded once per round and freed when
-the round changes. A member that does not exist yet (``previous`` before two promoted
+(``runs/seed2/round-003/optimize/model``), or ``peer:RUN_DIR``: the model another run (e.g. the
+same preset from another seed) had as its incumbent after the round before ours. Peers
+advance in step, as Lee et al.'s independently seeded models do: round N waits (up to
+``peer_wait_seconds``) until each peer has finished round N-1, so every member of round N's
+vote has trained on N-1 rounds of voted labels. Members are loaded once per round and freed
+when the round changes. A member that does not exist yet (``previous`` before two promoted
 rounds) or that is the same model as another member (``bootstrap`` while round 0's model is
 the incumbent) is skipped, with one warning per round; with fewer than ``min_members`` left,
 the refiner passes generation through and says so in the stage notes.
@@ -32,24 +36,30 @@ from __future__ import annotations
 
 import gc
 import inspect
+import logging
 import os
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from selfloop import hookimpl
-from selfloop.errors import OptionError, SelfloopError
+from selfloop.errors import OptionError, RunDirError, SelfloopError
 from selfloop.strategy import Generation, Refiner
 from selfloop_plugins.refine.cot import tally
 from selfloop_plugins.refine.self_consistency import majority
 
 RUN_SOURCES = ("incumbent", "bootstrap", "previous")
+# run.json statuses after which a peer run writes no more rounds (an interrupted run may resume)
+PEER_ENDED = ("completed", "failed", "stopped", "starved", "budget_exhausted")
+PEER_POLL_SECONDS = 5.0
+log = logging.getLogger("selfloop")
 
 
 @dataclass
 class EnsembleConfig:
-    # incumbent | bootstrap | previous | round:N | a local model directory
+    # incumbent | bootstrap | previous | round:N | peer:RUN_DIR | a local model directory
     members: list[str] = field(default_factory=lambda: ["incumbent", "previous", "bootstrap"])
     # fewer distinct members available than this: pass generation through (and say so)
     min_members: int = 2
@@ -57,20 +67,25 @@ class EnsembleConfig:
     temperature: float = 0.0
     # the winner's share of the votes below which the incumbent's answer is kept (0: always vote)
     min_agreement: float = 0.0
+    # how long round N waits for a peer run to finish round N-1 before voting without it
+    peer_wait_seconds: float = 3600.0
 
     def __post_init__(self):
         members = list(self.members)
         if not members or any(not isinstance(m, str) or not m.strip() for m in members):
-            raise OptionError("members", members, "a non-empty list of incumbent, bootstrap, previous, round:N or model directories")
+            raise OptionError("members", members, "a non-empty list of incumbent, bootstrap, previous, round:N, peer:RUN_DIR or model directories")
         for m in members:
             if m.startswith("round:") and not _round_number(m):
                 raise OptionError("members", members, f"round:N with N an integer >= 0 (got {m!r})")
+            if m.startswith("peer:") and not m.split(":", 1)[1].strip():
+                raise OptionError("members", members, f"peer:RUN_DIR with the directory of another run (got {m!r})")
         if len(set(members)) != len(members):
             raise OptionError("members", members, "each member once (a duplicate would count its votes twice)")
         if self.min_members < 1:
             raise OptionError("min_members", self.min_members, "an integer >= 1")
         if self.min_members > len(members):
-            raise OptionError("min_members", self.min_members, f"at most the number of members ({len(members)})")
+            raise OptionError("min_members", self.min_members, f"at most the number of members ({len(members)}: {', '.join(members)}); "
+                              "list more members, e.g. members=[incumbent,peer:RUN_DIR,peer:RUN_DIR]")
         if self.samples_per_member < 1:
             raise OptionError("samples_per_member", self.samples_per_member, "an integer >= 1")
         if self.temperature < 0:
@@ -79,6 +94,8 @@ class EnsembleConfig:
             raise OptionError("temperature", self.temperature, "a number > 0 when samples_per_member > 1 (greedy samples are identical)")
         if not 0 <= self.min_agreement <= 1:
             raise OptionError("min_agreement", self.min_agreement, "a number in [0, 1]")
+        if self.peer_wait_seconds < 0:
+            raise OptionError("peer_wait_seconds", self.peer_wait_seconds, "a number of seconds >= 0")
 
 
 def _round_number(source: str) -> bool:
@@ -116,7 +133,10 @@ class Ensemble(Refiner):
             raise SelfloopError(f"refine 'ensemble' must be the innermost refiner (refine=[...,ensemble]): the members other than "
                                 f"the incumbent generate with the bare model, so {', '.join(below)} below it would apply to the incumbent only")
         for m in self.config.members:
-            if m not in RUN_SOURCES and not m.startswith("round:") and _path_like(m) and not os.path.isdir(m):
+            if m.startswith("peer:"):
+                if not os.path.isdir(m.split(":", 1)[1]):
+                    log.info("ensemble: peer run %s does not exist yet: each round waits up to %gs for it", m, self.config.peer_wait_seconds)
+            elif m not in RUN_SOURCES and not m.startswith("round:") and _path_like(m) and not os.path.isdir(m):
                 ctx.warn(self.name, f"member {m!r} is not a directory (yet): it is skipped until it exists")
 
     # -- members -----------------------------------------------------------------------
@@ -133,19 +153,25 @@ class Ensemble(Refiner):
         seen = {}  # identity of a model -> the member it was loaded as
         loads = 0
         for source in self.config.members:
+            target = source
+            if source.startswith("peer:"):
+                target, why = self.peer_model(ctx, source.split(":", 1)[1])
+                if target is None:
+                    self._skipped[source] = why
+                    continue
             if source == "incumbent":
                 ident = ("round", incumbent_round) if incumbent_round is not None else ("incumbent",)
             else:
-                ident = self.identity(ctx, source, history)
+                ident = self.identity(ctx, target, history)
             if ident in seen:
                 self._skipped[source] = f"the same model as {seen[ident]}"
                 continue
-            if ident[0] == "path" and _path_like(source) and not os.path.isdir(source):
-                self._skipped[source] = f"no model directory at {source}"
+            if ident[0] == "path" and _path_like(target) and not os.path.isdir(target):
+                self._skipped[source] = f"no model directory at {target}"
                 continue
             if source != "incumbent":
                 try:
-                    self._members[source] = ctx.load_model(source)
+                    self._members[source] = ctx.load_model(target)
                     loads += 1
                 except (SelfloopError, OSError, ValueError) as e:
                     self._skipped[source] = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -158,6 +184,40 @@ class Ensemble(Refiner):
             why = "; ".join(f"{s} ({r})" for s, r in self._skipped.items())
             ctx.warn(self.name, f"round {ctx.round}: members skipped: {why}")
         return list(self._members), self._skipped
+
+    def peer_model(self, ctx, root: str) -> tuple[str | None, str]:
+        """The model directory of the peer run's incumbent after the round before ours
+        (waiting for the peer to finish that round), or None and why not."""
+        from selfloop.rundir import RunDir  # on first use: plugin discovery stays fast
+
+        wanted = ctx.round - 1
+        if wanted < 0:
+            return None, "round 0 has no peer round before it"
+        peer = RunDir(root)
+        deadline = time.monotonic() + self.config.peer_wait_seconds
+        waited = False
+        while True:
+            try:
+                status = peer.read_run_json().get("status")
+            except RunDirError:  # not started yet (or run.json mid-write): wait for it
+                status = None
+            # read after the status: a peer whose last round this is may complete in between
+            if os.path.isdir(root) and peer.is_complete(wanted, "promote"):
+                incumbent = peer.stage_metrics(wanted, "promote").get("incumbent_round")
+                if incumbent is None:
+                    return None, f"peer {root} has no model after its round {wanted}"
+                if waited:
+                    log.info("ensemble: peer %s finished round %d", root, wanted)
+                return str(peer.stage_dir(incumbent, "optimize") / "model"), ""
+            if status in PEER_ENDED:
+                return None, f"peer {root} ended ({status}) before finishing round {wanted}"
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None, f"peer {root} did not finish round {wanted} within peer_wait_seconds={self.config.peer_wait_seconds:g}"
+            if not waited:
+                log.info("ensemble: round %d waits for peer %s to finish round %d (up to %.0f s)", ctx.round, root, wanted, left)
+                waited = True
+            time.sleep(min(PEER_POLL_SECONDS, left))
 
     @staticmethod
     def identity(ctx, source: str, history: list[dict]) -> tuple:

@@ -28,6 +28,10 @@ class AdditionConfig:
     # generation budget: places beyond the longest possible sum (level + 1 digits). 0 cuts a
     # model that does not stop at the longest sum, so it is judged on the digits it wrote
     answer_slack: int = 2
+    # also reject a sum smaller than its larger operand: a necessary condition of any sum,
+    # checked without computing the sum; it rejects a dropped carry out of the top place
+    # (a + b - 10**level < max(a, b)), the error a vote of models with the same habit passes
+    check_magnitude: bool = False
 
     def __post_init__(self):
         if self.max_level < 2:
@@ -107,6 +111,8 @@ class Addition(Task):
             return False
         longest = max(len(d) for d, _ in operands)
         if first != operands[0][1] or not longest <= len(digits) <= longest + 1:
+            return False
+        if self.config.check_magnitude and int(digits[::-1]) < max(int(d[::-1]) for d, _ in operands):
             return False
         if len(digits) == longest + 1:  # a carry out of the top place is 1 (0 only when zero-padded)
             return digits[-1] == "1" or (self.config.zero_pad and digits[-1] == "0")
