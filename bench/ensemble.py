@@ -25,7 +25,6 @@ one line per run), e.g. the same seeds with and without the ensemble.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -34,6 +33,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation import prepare_job, selfloop, status  # noqa: E402
+
+
+def records(run: Path) -> list[dict]:
+    """The run's round records (none before its first round ends); a corrupt line names its file and line."""
+    from selfloop.rundir import read_metrics_jsonl
+
+    path = run / "metrics.jsonl"
+    return read_metrics_jsonl(path) if path.exists() else []
 
 
 def plot_groups(groups: dict[str, list[Path]], path: Path) -> None:
@@ -45,11 +52,10 @@ def plot_groups(groups: dict[str, list[Path]], path: Path) -> None:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     for colour, (label, runs) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], groups.items()):
         for i, run in enumerate(runs):
-            records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-            rounds = [r["round"] for r in records]
+            rounds = records(run)
             shown = label if i == 0 else None
-            top.plot(rounds, [r.get("frontier") or 0 for r in records], color=colour, marker="o", ms=3, alpha=0.8, label=shown)
-            later = [r for r in records if r["round"] > 0 and r.get("label_precision_kept") is not None]
+            top.plot([r["round"] for r in rounds], [r.get("frontier") or 0 for r in rounds], color=colour, marker="o", ms=3, alpha=0.8, label=shown)
+            later = [r for r in rounds if r["round"] > 0 and r.get("label_precision_kept") is not None]
             bottom.plot([r["round"] for r in later], [r["label_precision_kept"] for r in later], color=colour, marker="o", ms=3, alpha=0.8, label=shown)
     top.set(ylabel="frontier (digits, exact match >= 0.9)", title="Frontier and kept-label precision per round (one line per seed)")
     bottom.set(xlabel="round (0: the labelled bootstrap)", ylabel="precision of kept labels")
@@ -120,11 +126,7 @@ def main() -> None:
 
 def frontier_table(runs: list[Path]) -> str:
     """Frontier and kept-label precision per round (rows) and seed (columns)."""
-    per_run = {}
-    for run in runs:
-        path = run / "metrics.jsonl"
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-        per_run[run.name] = {r["round"]: r for r in records}
+    per_run = {run.name: {r["round"]: r for r in records(run)} for run in runs}
     rounds = sorted({r for recs in per_run.values() for r in recs})
     head = "| round | " + " | ".join(f"{name} frontier (precision)" for name in per_run) + " |"
     lines = [head, "|" + "---|" * (len(per_run) + 1)]

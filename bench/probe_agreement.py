@@ -17,10 +17,6 @@ import random
 from pathlib import Path
 
 
-def reversed_digits(x: int) -> str:
-    return str(x)[::-1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
@@ -34,34 +30,34 @@ def main() -> None:
 
     import selfloop_plugins.models.abacus  # noqa: F401  registers the Abacus model type
     from selfloop.model import ModelHandle
+    from selfloop_plugins.tasks.addition import Addition, AdditionConfig
+
+    task = Addition(AdditionConfig(answer_slack=0))  # as the presets generate: at most the longest possible sum
 
     torch.manual_seed(args.seed)
     models = [ModelHandle.load(run / f"round-{args.round:03d}" / "optimize" / "model", device="cpu") for run in args.runs]
     rng = random.Random(args.seed)
     print("| level | run | signal | kept | precision |\n|---|---|---|---|---|")
     for level in args.levels:
-        pairs = []
-        for _ in range(args.n):  # as plugins/tasks/addition.py samples: the first operand has `level` digits, either order
-            a, b = rng.randint(10 ** (level - 1), 10**level - 1), rng.randint(0, 10**level - 1)
-            pairs.append((a, b) if rng.random() < 0.5 else (b, a))
-        prompts = [f"{reversed_digits(a)}+{reversed_digits(b)}=" for a, b in pairs]
-        swapped = [f"{reversed_digits(b)}+{reversed_digits(a)}=" for a, b in pairs]
-        truth = [reversed_digits(a + b) for a, b in pairs]
-        budget = level + 1
+        problems = task.sample(rng, level, args.n)
+        prompts = [p.prompt for p in problems]
+        swapped = ["+".join(reversed(p.prompt.rstrip("=").split("+"))) + "=" for p in problems]
+        truth = [p.reference for p in problems]
+        budget = task.max_new_tokens(level)
         greedy = [[o[0] for o in m.generate(prompts, max_new_tokens=budget)] for m in models]
         greedy_swapped = [[o[0] for o in m.generate(swapped, max_new_tokens=budget)] for m in models]
         samples = [m.generate(prompts, n=5, temperature=0.7, max_new_tokens=budget) for m in models]
-        all_agree = [len({g[i] for g in greedy}) == 1 for i in range(len(pairs))]
+        all_agree = [len({g[i] for g in greedy}) == 1 for i in range(len(problems))]
 
         def row(run: str, signal: str, keep: list[bool], answers: list[str]) -> None:
             kept = [i for i, k in enumerate(keep) if k]
             precision = sum(answers[i] == truth[i] for i in kept) / len(kept) if kept else float("nan")
-            print(f"| {level} | {run} | {signal} | {len(kept) / len(pairs):.2f} | {precision:.3f} |")
+            print(f"| {level} | {run} | {signal} | {len(kept) / len(problems):.2f} | {precision:.3f} |")
 
         for r, run in enumerate(args.runs):
-            vote = [len(set(samples[r][i])) == 1 for i in range(len(pairs))]
-            swap = [greedy[r][i] == greedy_swapped[r][i] for i in range(len(pairs))]
-            row(run.name, "greedy (no filter)", [True] * len(pairs), greedy[r])
+            vote = [len(set(samples[r][i])) == 1 for i in range(len(problems))]
+            swap = [greedy[r][i] == greedy_swapped[r][i] for i in range(len(problems))]
+            row(run.name, "greedy (no filter)", [True] * len(problems), greedy[r])
             row(run.name, "own 5/5 vote", vote, greedy[r])
             row(run.name, "same answer for b+a", swap, greedy[r])
             row(run.name, "vote and b+a", [v and s for v, s in zip(vote, swap)], greedy[r])

@@ -77,7 +77,7 @@ class EnsembleConfig:
         for m in members:
             if m.startswith("round:") and not _round_number(m):
                 raise OptionError("members", members, f"round:N with N an integer >= 0 (got {m!r})")
-            if m.startswith("peer:") and not m.split(":", 1)[1].strip():
+            if _peer_dir(m) is not None and not _peer_dir(m).strip():
                 raise OptionError("members", members, f"peer:RUN_DIR with the directory of another run (got {m!r})")
         if len(set(members)) != len(members):
             raise OptionError("members", members, "each member once (a duplicate would count its votes twice)")
@@ -133,8 +133,8 @@ class Ensemble(Refiner):
             raise SelfloopError(f"refine 'ensemble' must be the innermost refiner (refine=[...,ensemble]): the members other than "
                                 f"the incumbent generate with the bare model, so {', '.join(below)} below it would apply to the incumbent only")
         for m in self.config.members:
-            if m.startswith("peer:"):
-                if not os.path.isdir(m.split(":", 1)[1]):
+            if _peer_dir(m) is not None:
+                if not os.path.isdir(_peer_dir(m)):
                     log.info("ensemble: peer run %s does not exist yet: each round waits up to %gs for it", m, self.config.peer_wait_seconds)
             elif m not in RUN_SOURCES and not m.startswith("round:") and _path_like(m) and not os.path.isdir(m):
                 ctx.warn(self.name, f"member {m!r} is not a directory (yet): it is skipped until it exists")
@@ -154,8 +154,8 @@ class Ensemble(Refiner):
         loads = 0
         for source in self.config.members:
             target = source
-            if source.startswith("peer:"):
-                target, why = self.peer_model(ctx, source.split(":", 1)[1])
+            if _peer_dir(source) is not None:
+                target, why = self.peer_model(ctx, _peer_dir(source))
                 if target is None:
                     self._skipped[source] = why
                     continue
@@ -325,6 +325,11 @@ class Ensemble(Refiner):
         if param is not None and isinstance(param.default, int):
             return param.default
         return max(ctx.task.max_new_tokens(level) for level in ctx.task.levels)
+
+
+def _peer_dir(source: str) -> str | None:
+    """The run directory of a ``peer:RUN_DIR`` member, None for any other source."""
+    return source.split(":", 1)[1] if source.startswith("peer:") else None
 
 
 def _path_like(source: str) -> bool:
