@@ -130,7 +130,7 @@ def test_ctrl_c_and_sigterm_stop_with_one_line_and_the_run_resumes_to_the_same_m
     wait_for(proc, run_dir / "round-000" / "acquire" / "COMPLETE")
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the terminal's process group
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, err[-3000:]
     assert err.strip().splitlines()[-1] == f"selfloop: interrupted (Ctrl-C); nothing finished is lost: continue with `selfloop resume {run_dir}`"
     assert "Traceback" not in err
     assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
@@ -139,7 +139,7 @@ def test_ctrl_c_and_sigterm_stop_with_one_line_and_the_run_resumes_to_the_same_m
     wait_for(proc, run_dir / "round-001" / "acquire" / "COMPLETE")
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143 and "Traceback" not in err
+    assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1].startswith("selfloop: interrupted (SIGTERM); nothing finished is lost")
     assert "resuming" in out and "at round" in out
     assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
